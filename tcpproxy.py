@@ -1,0 +1,1859 @@
+#!/usr/bin/env python3
+"""tcpproxy: a threaded TCP proxy that obeys DNS TTLs.
+
+Each port mapping ``LPORT:HOST:RPORT`` is served by its own
+``socketserver.ThreadingTCPServer``; every accepted client gets a pair of
+pump threads that copy bytes both ways.  Target names are resolved with
+dnspython and an answer is used only until its TTL expires, so the proxy
+follows DNS failover (RDS, Aurora, ElastiCache, ELB) without a restart.
+When DNS fails, the last good answer is served (stale) while lookups are
+retried with backoff.
+
+Run it::
+
+    python tcpproxy.py --connections 8002:db.example.com:5432 --debug 1
+
+or drive it from Python::
+
+    import tcpproxy
+    with tcpproxy.Proxy([tcpproxy.Mapping.parse("8002:db.example.com:5432")]) as proxy:
+        ...
+
+The module has no import-time side effects; only ``main()`` configures
+logging, signal handlers and resource limits.
+"""
+
+__version__ = "1.0.0"
+__all__ = [
+    "ProxyError", "ConfigError", "BackendError", "ResolveError",
+    "Mapping", "parse_connections", "Resolver", "Registry", "Session",
+    "ProxyServer", "StatusServer", "Proxy", "BackendPoller", "load_backend",
+    "main",
+]
+
+import argparse
+import errno
+import http.server
+import importlib
+import ipaddress
+import itertools
+import json
+import logging
+import os
+import re
+import select
+import signal
+import socket
+import socketserver
+import sys
+import threading
+import time
+import urllib.parse
+from dataclasses import dataclass, field
+
+try:
+    import dns.exception
+    import dns.rdatatype
+    import dns.resolver
+except ImportError:  # pragma: no cover - exercised by a subprocess test
+    dns = None
+
+log = logging.getLogger("tcpproxy")
+
+# Constants ###################################################################
+
+BACKENDS = ("static", "dynamodb", "elasticache", "file")
+DEFAULT_STATUS_ADDRESS = "127.0.0.1:8001"
+DEFAULT_CONNECT_TIMEOUT = 10.0
+DEFAULT_DNS_TIMEOUT = 2.0
+DEFAULT_POLL_INTERVAL = 60.0
+LISTEN_BACKLOG = 4096              # capped by net.core.somaxconn
+SMALL_BUFFER = 16 * 1024           # what an idle connection holds
+LARGE_BUFFER = 256 * 1024          # used once a read fills the small one
+FALLBACK_TTL = 5.0                 # re-resolve period without dnspython
+HOSTS_TTL = 5.0                    # how long an /etc/hosts answer is used
+DNS_BACKOFF_MIN = 0.5
+DNS_BACKOFF_MAX = 8.0
+SERVE_POLL_INTERVAL = 0.2          # serve_forever(): how fast shutdown() returns
+ACCEPT_BACKOFF = 0.1               # pause after EMFILE/ENFILE or no thread
+THREAD_STACK_SIZE = 256 * 1024     # set by main() only
+DEBUG_LEVELS = (logging.WARNING, logging.INFO, logging.DEBUG)
+
+# Errors that mean "the peer went away": logged at debug, never re-raised.
+NET_ERRS = (errno.ECONNRESET, errno.EPIPE, errno.ECONNABORTED, errno.ETIMEDOUT,
+            errno.EHOSTUNREACH, errno.ENETUNREACH, errno.ENOTCONN, errno.EBADF,
+            errno.ESHUTDOWN)
+EXHAUSTION_ERRS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
+
+
+# Exceptions ##################################################################
+
+class ProxyError(Exception):
+    """A tcpproxy error."""
+
+    def __init__(self, *args):
+        super().__init__(*(args or (self.__doc__,)))
+
+
+class ConfigError(ProxyError):
+    """Invalid configuration."""
+
+    def __init__(self, *args, failures=None):
+        super().__init__(*args)
+        self.failures = dict(failures or {})
+
+
+class BackendError(ProxyError):
+    """The configuration backend failed."""
+
+
+class ResolveError(ProxyError):
+    """The name has no usable address."""
+
+
+# Helpers #####################################################################
+
+def _is_ip(text):
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
+_HOSTNAME = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9_]([A-Za-z0-9_-]{0,62})"
+                       r"(\.[A-Za-z0-9_]([A-Za-z0-9_-]{0,62}))*\.?$")
+
+
+def _port(text, what, spec, minimum=1):
+    try:
+        value = int(text)
+    except (TypeError, ValueError):
+        raise ConfigError("invalid connection %r: %s %r is not a number"
+                          % (spec, what, text)) from None
+    if not minimum <= value <= 65535:
+        raise ConfigError("invalid connection %r: %s %d is out of range %d-65535"
+                          % (spec, what, value, minimum))
+    return value
+
+
+def _format_hostport(host, port):
+    return "[%s]:%s" % (host, port) if ":" in host else "%s:%s" % (host, port)
+
+
+def parse_hostport(text, default_host="127.0.0.1", default_port=None, what="address"):
+    """Parse ``HOST:PORT``, ``[V6]:PORT``, ``:PORT`` or ``PORT`` (or ``HOST``
+    when *default_port* is given).  Returns ``(host, port)``; raises
+    ValueError naming *text*."""
+    text = text.strip()
+    m = re.match(r"^\[([^\]]+)\](?::(\d+))?$", text)
+    if m:
+        host, port = m.group(1), m.group(2)
+    elif text.count(":") == 1:
+        host, port = text.split(":")
+    elif text.count(":") > 1:            # bare IPv6 literal, no port
+        host, port = text, None
+    elif text.isdigit():
+        host, port = "", text
+    else:
+        host, port = text, None
+    if port is None:
+        if default_port is None:
+            raise ValueError("invalid %s %r: no port" % (what, text))
+        port = default_port
+    try:
+        port = int(port)
+    except ValueError:
+        raise ValueError("invalid %s %r: bad port" % (what, text)) from None
+    if not 0 < port < 65536:
+        raise ValueError("invalid %s %r: port out of range 1-65535" % (what, text))
+    host = host or default_host
+    if not (_is_ip(host) or host == "localhost"):
+        raise ValueError("invalid %s %r: %r is not an IP address" % (what, text, host))
+    return host, port
+
+
+def _networks(values, what="--allow"):
+    nets = []
+    for value in values or ():
+        if isinstance(value, (ipaddress.IPv4Network, ipaddress.IPv6Network)):
+            nets.append(value)
+            continue
+        for part in re.split(r"[,\s]+", str(value).strip()):
+            if not part:
+                continue
+            try:
+                nets.append(ipaddress.ip_network(part, strict=False))
+            except ValueError:
+                raise ConfigError("invalid %s network %r" % (what, part)) from None
+    return tuple(nets)
+
+
+def _allowed(address, networks):
+    if not networks:
+        return True
+    try:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
+    except ValueError:
+        return False
+    if ip.version == 6 and ip.ipv4_mapped:
+        ip = ip.ipv4_mapped
+    return any(ip in net for net in networks)
+
+
+class _RateLimiter:
+    """Log a repeated message at most once per *interval*, with a count of
+    what was suppressed in between."""
+
+    def __init__(self, interval=10.0):
+        self.interval = interval
+        self.lock = threading.Lock()
+        self._seen = {}
+
+    def log(self, level, key, msg, *args):
+        now = time.monotonic()
+        with self.lock:
+            last, suppressed = self._seen.get(key, (None, 0))
+            if last is not None and now - last < self.interval:
+                self._seen[key] = (last, suppressed + 1)
+                return
+            self._seen[key] = (now, 0)
+            if len(self._seen) > 10000:
+                self._seen.clear()
+        if suppressed:
+            msg += " (%d similar messages suppressed)" % suppressed
+        log.log(level, msg, *args)
+
+
+_ratelimited = _RateLimiter()
+
+
+# Mapping #####################################################################
+
+@dataclass(frozen=True)
+class Mapping:
+    """One port mapping: listen on *listen_port*, forward to (*host*, *port*).
+
+    *allow* (CIDR strings or networks) limits which clients may connect;
+    *max_connections* (0 = unlimited) caps concurrent clients.  Mappings
+    are values: two equal mappings mean the same thing, and a
+    configuration change is a difference of sets keyed by *listen_port*.
+    """
+
+    listen_port: int
+    host: str
+    port: int
+    allow: tuple = field(default=(), compare=True)
+    max_connections: int = 0
+
+    def __post_init__(self):
+        spec = "%s:%s:%s" % (self.listen_port, self.host, self.port)
+        if not isinstance(self.listen_port, int) or not 0 <= self.listen_port <= 65535:
+            raise ConfigError("invalid connection %r: listen port out of range" % spec)
+        if not isinstance(self.port, int) or not 1 <= self.port <= 65535:
+            raise ConfigError("invalid connection %r: target port out of range" % spec)
+        host = str(self.host or "").strip()
+        if host.startswith("[") and host.endswith("]"):
+            host = host[1:-1]
+        if not host or not (_is_ip(host) or _HOSTNAME.match(host)):
+            raise ConfigError("invalid connection %r: bad host %r" % (spec, self.host))
+        object.__setattr__(self, "host", host)
+        object.__setattr__(self, "allow", _networks(self.allow, "allow"))
+        try:
+            limit = int(self.max_connections or 0)
+        except (TypeError, ValueError):
+            limit = -1
+        if limit < 0:
+            raise ConfigError("invalid connection %r: bad max_connections %r"
+                              % (spec, self.max_connections))
+        object.__setattr__(self, "max_connections", limit)
+
+    @classmethod
+    def parse(cls, spec, **options):
+        """Parse ``LPORT:HOST:RPORT`` (``LPORT:[V6]:RPORT`` for IPv6)."""
+        text = str(spec).strip()
+        m = re.match(r"^([^:\[\]]*):\[([^\]]*)\]:([^:\[\]]*)$", text)
+        if m:
+            lport, host, rport = m.groups()
+        else:
+            parts = text.split(":")
+            if len(parts) != 3:
+                if len(parts) > 3:
+                    reason = "IPv6 targets must be in brackets, e.g. 8002:[::1]:5432"
+                else:
+                    reason = "expected LPORT:HOST:RPORT"
+                raise ConfigError("invalid connection %r: %s" % (text, reason))
+            lport, host, rport = parts
+        if not host:
+            raise ConfigError("invalid connection %r: missing host" % text)
+        return cls(_port(lport, "listen port", text), host,
+                   _port(rport, "target port", text), **options)
+
+    @property
+    def spec(self):
+        return "%d:%s" % (self.listen_port, _format_hostport(self.host, self.port))
+
+    @property
+    def target(self):
+        return (self.host, self.port)
+
+    def __str__(self):
+        return self.spec
+
+    def to_dict(self):
+        return {"listen_port": self.listen_port, "host": self.host, "port": self.port,
+                "allow": [str(n) for n in self.allow],
+                "max_connections": self.max_connections}
+
+
+def parse_connections(values):
+    """Parse ``--connections`` values: each is split on commas and white
+    space.  Raises ConfigError on a bad spec or a duplicate listen port."""
+    mappings, seen = [], {}
+    for value in values or ():
+        for spec in re.split(r"[,\s]+", str(value).strip()):
+            if not spec:
+                continue
+            mapping = Mapping.parse(spec)
+            if mapping.listen_port in seen:
+                raise ConfigError("listen port %d is used twice: %r and %r"
+                                  % (mapping.listen_port, seen[mapping.listen_port], spec))
+            seen[mapping.listen_port] = spec
+            mappings.append(mapping)
+    return mappings
+
+
+# Resolver ####################################################################
+
+class _Entry:
+    """Cached answer for one name; guarded by its condition."""
+
+    __slots__ = ("cond", "addresses", "expires", "retry_at", "backoff", "busy",
+                 "error", "stale", "updated", "source")
+
+    def __init__(self):
+        self.cond = threading.Condition(threading.Lock())
+        self.addresses = ()
+        self.expires = 0.0
+        self.retry_at = 0.0
+        self.backoff = 0.0
+        self.busy = False
+        self.error = None
+        self.stale = False
+        self.updated = None
+        self.source = None
+
+
+class Resolver:
+    """Resolve names to addresses (A and AAAA), honouring TTLs.
+
+    Methods for the caller:
+
+    - lookup(host) -> list of address strings
+    - info(host) -> dict describing the cached answer
+    - add_listener(callback): callback(host, old, new) on every changed answer
+
+    An answer is used until its TTL expires (the smallest TTL along a CNAME
+    chain); TTL 0 means a lookup per call.  Concurrent callers for an
+    expired name share one lookup.  When a lookup fails the last good answer
+    is served (stale) and lookups are retried with backoff, so callers do
+    not each wait for a DNS timeout.  Names in the hosts file are answered
+    from it; without dnspython the system resolver is used and answers are
+    kept for FALLBACK_TTL seconds.
+    """
+
+    def __init__(self, nameservers=None, *, timeout=DEFAULT_DNS_TIMEOUT,
+                 hosts_file="/etc/hosts", clock=time.monotonic):
+        self.timeout = timeout
+        self.hosts_file = hosts_file
+        self.clock = clock
+        self.lock = threading.Lock()
+        self._entries = {}
+        self._listeners = []
+        self._hosts = {}
+        self._hosts_stamp = None
+        self._resolver = None
+        if dns is None:
+            if nameservers:
+                raise ConfigError("--resolver needs dnspython: pip install dnspython")
+            log.warning("dnspython is not installed: DNS TTLs cannot be read; names "
+                        "are re-resolved through the system every %ds", FALLBACK_TTL)
+            return
+        servers = [parse_hostport(s, default_port=53, what="resolver")
+                   if isinstance(s, str) else tuple(s) for s in (nameservers or ())]
+        try:
+            resolver = dns.resolver.Resolver(configure=not servers)
+        except dns.exception.DNSException as exc:
+            log.warning("cannot read the system resolver configuration (%s); "
+                        "falling back to the system resolver", exc)
+            return
+        if servers:
+            try:
+                nameserver = importlib.import_module("dns.nameserver")
+                resolver.nameservers = [nameserver.Do53Nameserver(h, p)
+                                        for h, p in servers]
+            except ImportError:        # dnspython < 2.4: one port for all
+                resolver.nameservers = [h for h, _ in servers]
+                resolver.port = servers[0][1]
+        else:
+            resolver.use_search_by_default = True
+        resolver.cache = None          # our own cache serves stale answers
+        resolver.lifetime = timeout
+        resolver.timeout = min(timeout, 2.0)
+        self._resolver = resolver
+
+    @property
+    def nameservers(self):
+        if self._resolver is None:
+            return ["system"]
+        return [str(getattr(ns, "address", ns)) + (":%s" % ns.port if hasattr(ns, "port") else "")
+                for ns in self._resolver.nameservers]
+
+    def add_listener(self, callback):
+        with self.lock:
+            self._listeners.append(callback)
+
+    def _entry(self, host):
+        with self.lock:
+            entry = self._entries.get(host)
+            if entry is None:
+                entry = self._entries[host] = _Entry()
+            return entry
+
+    def lookup(self, host):
+        """Return the addresses of *host*, a list of IP strings."""
+        if _is_ip(host):
+            return [host]
+        entry = self._entry(host)
+        with entry.cond:
+            while True:
+                now = self.clock()
+                if entry.addresses and (now < entry.expires or now < entry.retry_at):
+                    return list(entry.addresses)
+                if not entry.addresses and now < entry.retry_at:
+                    raise ResolveError("cannot resolve %s: %s" % (host, entry.error))
+                if not entry.busy:
+                    entry.busy = True
+                    break
+                entry.cond.wait(self.timeout + 1.0)
+        old = entry.addresses
+        started = self.clock()
+        try:
+            addresses, ttl, source = self._query(host)
+        except Exception as exc:  # noqa: BLE001 - every failure serves stale
+            reason = self._describe(exc)
+            with entry.cond:
+                entry.busy = False
+                entry.backoff = min(max(entry.backoff * 2, DNS_BACKOFF_MIN), DNS_BACKOFF_MAX)
+                entry.retry_at = self.clock() + entry.backoff
+                first = entry.error is None or not entry.stale
+                entry.error = reason
+                entry.stale = bool(entry.addresses)
+                entry.cond.notify_all()
+                addresses = list(entry.addresses)
+            if addresses:
+                if first:
+                    log.warning("DNS lookup of %s failed (%s): serving the last good "
+                                "answer %s and retrying", host, reason, ", ".join(addresses))
+                else:
+                    log.debug("DNS lookup of %s failed again (%s); retry in %.1fs",
+                              host, reason, entry.backoff)
+                return addresses
+            _ratelimited.log(logging.WARNING, ("dns", host), "cannot resolve %s: %s",
+                             host, reason)
+            raise ResolveError("cannot resolve %s: %s" % (host, reason)) from None
+        with entry.cond:
+            entry.busy = False
+            entry.addresses = tuple(addresses)
+            entry.expires = started + ttl
+            entry.retry_at = 0.0
+            entry.backoff = 0.0
+            recovered = entry.stale
+            entry.error = None
+            entry.stale = False
+            entry.updated = time.time()
+            entry.source = source
+            entry.cond.notify_all()
+        if recovered:
+            log.warning("DNS lookup of %s works again: %s", host, ", ".join(addresses))
+        if set(old) != set(addresses):
+            if old:
+                log.info("DNS answer for %s changed: %s -> %s (ttl %ds)", host,
+                         ", ".join(old), ", ".join(addresses), ttl)
+            else:
+                log.info("DNS answer for %s: %s (ttl %ds)", host, ", ".join(addresses), ttl)
+            with self.lock:
+                listeners = list(self._listeners)
+            for callback in listeners:
+                callback(host, old, tuple(addresses))
+        else:
+            log.debug("DNS answer for %s: %s (ttl %ds)", host, ", ".join(addresses), ttl)
+        return list(addresses)
+
+    def expires_in(self, host):
+        """Seconds until the cached answer of *host* expires (None if none)."""
+        if _is_ip(host):
+            return None
+        entry = self._entry(host)
+        with entry.cond:
+            if not entry.addresses:
+                return None
+            return entry.expires - self.clock()
+
+    def info(self, host):
+        """A snapshot of what is cached for *host*."""
+        if _is_ip(host):
+            return {"addresses": [host], "expires_in": None, "stale": False,
+                    "error": None, "source": "literal"}
+        entry = self._entry(host)
+        with entry.cond:
+            expires_in = entry.expires - self.clock() if entry.addresses else None
+            return {"addresses": list(entry.addresses),
+                    "expires_in": None if expires_in is None else round(max(expires_in, 0.0), 3),
+                    "stale": entry.stale, "error": entry.error, "source": entry.source}
+
+    @staticmethod
+    def _describe(exc):
+        if dns is not None:
+            if isinstance(exc, dns.resolver.NXDOMAIN):
+                return "NXDOMAIN (no such name)"
+            if isinstance(exc, dns.resolver.NoNameservers):
+                return "no nameserver answered (SERVFAIL or REFUSED)"
+            if isinstance(exc, dns.exception.Timeout):
+                return "timed out"
+        text = str(exc) or exc.__class__.__name__
+        return text if len(text) < 200 else text[:197] + "..."
+
+    def _hosts_lookup(self, host):
+        try:
+            st = os.stat(self.hosts_file)
+            stamp = (st.st_mtime_ns, st.st_size, st.st_ino)
+        except OSError:
+            return None
+        if stamp != self._hosts_stamp:
+            table = {}
+            try:
+                with open(self.hosts_file, encoding="utf-8", errors="replace") as f:
+                    for line in f:
+                        fields = line.split("#", 1)[0].split()
+                        if len(fields) >= 2 and _is_ip(fields[0].split("%")[0]):
+                            for name in fields[1:]:
+                                table.setdefault(name.lower().rstrip("."), []).append(fields[0])
+            except OSError:
+                return None
+            self._hosts, self._hosts_stamp = table, stamp
+        return self._hosts.get(host.lower().rstrip("."))
+
+    def _query(self, host):
+        """Return (addresses, ttl, source); raise on failure."""
+        addresses = self._hosts_lookup(host)
+        if addresses:
+            return addresses, HOSTS_TTL, "hosts"
+        if self._resolver is None:
+            infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+            found = []
+            for info in infos:
+                address = info[4][0]
+                if address not in found:
+                    found.append(address)
+            return found, FALLBACK_TTL, "system"
+        found, expiration = [], None
+        for rdtype in ("A", "AAAA"):
+            try:
+                answer = self._resolver.resolve(host, rdtype, raise_on_no_answer=False)
+            except dns.resolver.NXDOMAIN:
+                if rdtype == "AAAA" and found:
+                    break
+                raise
+            except dns.exception.DNSException:
+                if rdtype == "AAAA" and found:
+                    log.debug("AAAA lookup of %s failed; using the A answer", host)
+                    break
+                raise
+            if answer.rrset is not None:
+                found.extend(rr.address for rr in answer.rrset)
+                expiration = answer.expiration if expiration is None else min(expiration, answer.expiration)
+        if not found:
+            raise ResolveError("no A or AAAA records")
+        ttl = max(0, int(round(expiration - time.time())))
+        return found, ttl, "dns"
+
+
+# Registry ####################################################################
+
+class Session:
+    """One proxied client connection and its upstream.
+
+    Pump threads write only their own direction's counters; abort() may be
+    called from any thread and only shuts sockets down (the owner closes
+    them), so a descriptor is never closed under another thread's feet.
+    """
+
+    __slots__ = ("id", "listen_port", "target", "client", "upstream_address",
+                 "started", "last_active", "bytes_up", "bytes_down", "lock",
+                 "client_sock", "upstream_sock", "closed_reason", "state")
+
+    def __init__(self, sid, listen_port, target, client, client_sock):
+        self.id = sid
+        self.listen_port = listen_port
+        self.target = target
+        self.client = client
+        self.client_sock = client_sock
+        self.upstream_sock = None
+        self.upstream_address = None
+        self.started = time.time()
+        self.last_active = time.monotonic()
+        self.bytes_up = 0
+        self.bytes_down = 0
+        self.lock = threading.Lock()
+        self.closed_reason = None
+        self.state = "connecting"
+
+    def abort(self, reason, reset=False):
+        """Ask both pumps to stop: shut both sockets down (RST if *reset*)."""
+        with self.lock:
+            if self.closed_reason is None:
+                self.closed_reason = reason
+            socks = [s for s in (self.client_sock, self.upstream_sock) if s is not None]
+            for sock in socks:
+                try:
+                    if reset:
+                        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                                        b"\x01\x00\x00\x00\x00\x00\x00\x00")
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def close(self):
+        with self.lock:
+            for sock in (self.client_sock, self.upstream_sock):
+                if sock is not None:
+                    sock.close()
+
+    def to_dict(self):
+        return {"id": self.id, "mapping": self.listen_port,
+                "target": _format_hostport(*self.target),
+                "client": _format_hostport(*self.client[:2]),
+                "upstream": (_format_hostport(*self.upstream_address[:2])
+                             if self.upstream_address else None),
+                "state": self.state,
+                "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.started)),
+                "seconds": round(time.time() - self.started, 3),
+                "bytes_up": self.bytes_up, "bytes_down": self.bytes_down}
+
+
+class _Stats:
+    __slots__ = ("active", "total", "bytes_up", "bytes_down", "refused", "failed")
+
+    def __init__(self):
+        self.active = self.total = self.bytes_up = self.bytes_down = 0
+        self.refused = self.failed = 0
+
+
+class Registry:
+    """Shared, locked record of live sessions and per-mapping counters.
+
+    Every method takes ``self.lock``; snapshots are copies, so /status and
+    /connections never iterate the live structures.
+    """
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.idle = threading.Condition(self.lock)
+        self._sessions = {}
+        self._stats = {}
+        self._ids = itertools.count(1)
+
+    def open(self, listen_port, target, client, client_sock, limit=0, global_limit=0):
+        """Register a session; returns None when a limit is reached."""
+        with self.lock:
+            stats = self._stats.setdefault(listen_port, _Stats())
+            if ((limit and stats.active >= limit)
+                    or (global_limit and len(self._sessions) >= global_limit)):
+                stats.refused += 1
+                return None
+            session = Session(next(self._ids), listen_port, target, client, client_sock)
+            self._sessions[session.id] = session
+            stats.active += 1
+            stats.total += 1
+            return session
+
+    def count_refused(self, listen_port):
+        with self.lock:
+            self._stats.setdefault(listen_port, _Stats()).refused += 1
+
+    def count_failed(self, listen_port):
+        with self.lock:
+            self._stats.setdefault(listen_port, _Stats()).failed += 1
+
+    def close(self, session):
+        with self.lock:
+            if self._sessions.pop(session.id, None) is None:
+                return
+            stats = self._stats.setdefault(session.listen_port, _Stats())
+            stats.active -= 1
+            stats.bytes_up += session.bytes_up
+            stats.bytes_down += session.bytes_down
+            if not self._sessions:
+                self.idle.notify_all()
+
+    def sessions(self, listen_port=None):
+        with self.lock:
+            return [s for s in self._sessions.values()
+                    if listen_port is None or s.listen_port == listen_port]
+
+    def active(self):
+        with self.lock:
+            return len(self._sessions)
+
+    def wait_idle(self, timeout):
+        """Wait until no session is open; True if that happened in time."""
+        with self.lock:
+            return self.idle.wait_for(lambda: not self._sessions, timeout)
+
+    def forget(self, listen_port):
+        with self.lock:
+            self._stats.pop(listen_port, None)
+
+    def snapshot(self):
+        """Return (sessions as dicts, {listen_port: stats dict})."""
+        with self.lock:
+            sessions = list(self._sessions.values())
+            stats = {port: {"active": s.active, "total": s.total, "bytes_up": s.bytes_up,
+                            "bytes_down": s.bytes_down, "refused": s.refused,
+                            "failed": s.failed}
+                     for port, s in self._stats.items()}
+        for session in sessions:
+            entry = stats.setdefault(session.listen_port, {
+                "active": 0, "total": 0, "bytes_up": 0, "bytes_down": 0,
+                "refused": 0, "failed": 0})
+            entry["bytes_up"] += session.bytes_up
+            entry["bytes_down"] += session.bytes_down
+        return [s.to_dict() for s in sorted(sessions, key=lambda s: s.id)], stats
+
+
+# Proxy server ################################################################
+
+def _tune(sock):
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    except OSError:
+        pass
+
+
+class ProxyHandler(socketserver.BaseRequestHandler):
+    """Connect one accepted client upstream and pump bytes both ways.
+
+    The handler thread pumps client -> upstream; a second thread pumps
+    upstream -> client.  EOF on one side becomes shutdown(SHUT_WR) on the
+    other (half-close); a reset on either side resets the other.
+    """
+
+    def handle(self):
+        server = self.server
+        proxy = server.proxy
+        mapping = server.mapping           # a snapshot: apply() may swap it
+        client = self.request
+        host = self.client_address[0]
+        if not (_allowed(host, proxy.allow) and _allowed(host, mapping.allow)):
+            proxy.registry.count_refused(mapping.listen_port)
+            _ratelimited.log(logging.WARNING, ("acl", mapping.listen_port),
+                             "%d: refused client %s: not in the allow list",
+                             mapping.listen_port, host)
+            _reset_close(client)
+            return
+        session = proxy.registry.open(mapping.listen_port, mapping.target,
+                                      self.client_address, client,
+                                      mapping.max_connections, proxy.max_connections)
+        if session is None:
+            _ratelimited.log(logging.WARNING, ("limit", mapping.listen_port),
+                             "%d: refused client %s: connection limit reached",
+                             mapping.listen_port, _format_hostport(*self.client_address[:2]))
+            _reset_close(client)
+            return
+        try:
+            if proxy.is_draining():
+                session.abort("proxy is stopping")
+                return
+            upstream = proxy.connect_upstream(mapping, session)
+            if upstream is None:
+                proxy.registry.count_failed(mapping.listen_port)
+                return
+            _tune(client)
+            session.state = "open"
+            log.info("%d: %s connected to %s via %s", mapping.listen_port,
+                     _format_hostport(*self.client_address[:2]),
+                     _format_hostport(*session.upstream_address[:2]), mapping.host)
+            self._run_pumps(session, client, upstream, proxy)
+            log.info("%d: %s closed (%s), %d bytes up, %d bytes down",
+                     mapping.listen_port, _format_hostport(*self.client_address[:2]),
+                     session.closed_reason or "done", session.bytes_up, session.bytes_down)
+        finally:
+            proxy.registry.close(session)
+            session.close()
+
+    def _run_pumps(self, session, client, upstream, proxy):
+        name = threading.current_thread().name
+        down = threading.Thread(target=_pump, name=name + "-down",
+                                args=(session, upstream, client, False, proxy.idle_timeout))
+        try:
+            down.start()
+        except RuntimeError as exc:  # can't start new thread
+            _ratelimited.log(logging.ERROR, "thread", "cannot start a pump thread (%s): "
+                             "closing %s", exc, _format_hostport(*session.client[:2]))
+            session.abort("no thread")
+            return
+        _pump(session, client, upstream, True, proxy.idle_timeout)
+        down.join()
+
+
+def _reset_close(sock):
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+    except OSError:
+        pass
+    sock.close()
+
+
+def _pump(session, src, dst, up, idle_timeout):
+    """Copy *src* to *dst* until EOF or error; see ProxyHandler."""
+    poller = select.poll()
+    poller.register(src, select.POLLIN | select.POLLPRI)
+    wait_ms = int(min(idle_timeout, 5.0) * 1000) if idle_timeout else None
+    buf = bytearray(SMALL_BUFFER)
+    view = memoryview(buf)
+    size = SMALL_BUFFER
+    recv_into = src.recv_into
+    sendall = dst.sendall
+    try:
+        while True:
+            if not poller.poll(wait_ms):
+                if time.monotonic() - session.last_active >= idle_timeout:
+                    session.abort("idle timeout")
+                    return
+                continue
+            try:
+                n = recv_into(buf)
+            except OSError as exc:
+                if exc.errno in (errno.EAGAIN, errno.EINTR):
+                    continue
+                _failed(session, exc, "client" if up else "upstream")
+                return
+            if not n:
+                if session.closed_reason is None:
+                    try:
+                        dst.shutdown(socket.SHUT_WR)       # half-close
+                    except OSError:
+                        pass
+                return
+            try:
+                sendall(view[:n])
+            except OSError as exc:
+                _failed(session, exc, "upstream" if up else "client")
+                return
+            if up:
+                session.bytes_up += n
+            else:
+                session.bytes_down += n
+            if idle_timeout:
+                session.last_active = time.monotonic()
+            if n == size and size < LARGE_BUFFER:
+                size = LARGE_BUFFER
+                buf = bytearray(size)
+                view = memoryview(buf)
+    finally:
+        view.release()
+
+
+def _failed(session, exc, side):
+    if session.closed_reason is not None:       # we are already closing it
+        return
+    if exc.errno not in NET_ERRS:
+        log.error("session %d: unexpected error from %s: %s", session.id, side, exc)
+    else:
+        log.debug("session %d: %s: %s", session.id, side, exc)
+    session.abort("%s reset (%s)" % (side, os.strerror(exc.errno) if exc.errno else exc),
+                  reset=True)
+
+
+class _TrackedThreadsMixIn:
+    """Start a named thread per request and keep track of it, so that
+    stop() can join every one with a deadline (socketserver's own join has
+    no timeout).  Used by ProxyServer and StatusServer."""
+
+    daemon_threads = False
+    block_on_close = False            # join() below, with a deadline
+    thread_prefix = "tcpproxy"
+
+    def _init_tracking(self):
+        self._tracked = set()
+        self._tracked_lock = threading.Lock()
+        self._stopping = threading.Event()
+
+    def process_request(self, request, client_address):
+        thread = threading.Thread(target=self._process, args=(request, client_address),
+                                  name="%s-%s" % (self.thread_prefix, client_address[1]))
+        with self._tracked_lock:
+            self._tracked.add(thread)
+        try:
+            thread.start()
+        except RuntimeError as exc:     # can't start new thread
+            with self._tracked_lock:
+                self._tracked.discard(thread)
+            _ratelimited.log(logging.ERROR, "thread", "%s: cannot start a thread (%s): "
+                             "closing client %s", self.thread_prefix, exc,
+                             _format_hostport(*client_address[:2]))
+            _reset_close(request)
+            self._stopping.wait(ACCEPT_BACKOFF)
+
+    def _process(self, request, client_address):
+        try:
+            self.process_request_thread(request, client_address)
+        finally:
+            with self._tracked_lock:
+                self._tracked.discard(threading.current_thread())
+
+    def threads(self):
+        with self._tracked_lock:
+            return list(self._tracked)
+
+    def join(self, deadline):
+        """Join request threads until *deadline* (monotonic); return stragglers."""
+        for thread in self.threads():
+            thread.join(max(0.0, deadline - time.monotonic()))
+        return [t for t in self.threads() if t.is_alive()]
+
+
+class ProxyServer(_TrackedThreadsMixIn, socketserver.ThreadingTCPServer):
+    """Listen for one mapping and hand every client to a ProxyHandler thread.
+
+    Methods for the caller: serve_forever(), stop_accepting(), join(deadline),
+    server_close(), set_mapping(mapping).  Overridden hooks: server_bind(),
+    get_request(), process_request(), handle_error().
+    """
+
+    allow_reuse_address = True
+    request_queue_size = LISTEN_BACKLOG
+
+    def __init__(self, mapping, proxy, listen_host="0.0.0.0"):
+        self.mapping = mapping
+        self.proxy = proxy
+        self.address_family = socket.AF_INET6 if ":" in listen_host else socket.AF_INET
+        self._init_tracking()
+        super().__init__((listen_host, mapping.listen_port), ProxyHandler)
+        self.thread_prefix = "tcpproxy-%d" % self.port
+
+    def server_bind(self):
+        if self.address_family == socket.AF_INET6:
+            self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        super().server_bind()
+
+    @property
+    def port(self):
+        return self.server_address[1]
+
+    def set_mapping(self, mapping):
+        self.mapping = mapping
+
+    def get_request(self):
+        try:
+            return self.socket.accept()
+        except OSError as exc:
+            if exc.errno in EXHAUSTION_ERRS:
+                self.proxy.accept_exhausted(self, exc)
+            raise
+
+    def handle_error(self, request, client_address):
+        log.exception("%d: error handling %s", self.port, client_address)
+
+    def stop_accepting(self):
+        """End serve_forever() and close the listening socket."""
+        self._stopping.set()
+        self.shutdown()
+        self.socket.close()
+
+
+# Status HTTP #################################################################
+
+class StatusHandler(http.server.BaseHTTPRequestHandler):
+    """Serve GET/HEAD /status and /connections; other methods get 405."""
+
+    server_version = "tcpproxy/" + __version__
+    timeout = 5                        # a silent client cannot hold a thread
+    protocol_version = "HTTP/1.0"
+
+    def do_GET(self):
+        self._serve(body=True)
+
+    def do_HEAD(self):
+        self._serve(body=False)
+
+    def __getattr__(self, name):
+        if name.startswith("do_"):
+            return self._not_allowed
+        raise AttributeError(name)
+
+    def _not_allowed(self):
+        self._send(405, "method not allowed\n", "text/plain", True, {"Allow": "GET, HEAD"})
+
+    def _serve(self, body):
+        url = urllib.parse.urlsplit(self.path)
+        query = urllib.parse.parse_qs(url.query)
+        proxy = self.server.proxy
+        if url.path == "/status":
+            status = proxy.status()
+            code = 200 if status["ok"] else 503
+            if query.get("format", [""])[0] == "json":
+                self._send(code, json.dumps(status, sort_keys=True) + "\n",
+                           "application/json", body)
+            else:
+                self._send(code, "OK" if status["ok"] else status["reason"] + "\n",
+                           "text/plain; charset=utf-8", body)
+        elif url.path == "/connections":
+            self._send(200, json.dumps(proxy.connections(), sort_keys=True) + "\n",
+                       "application/json", body)
+        else:
+            self._send(404, "not found\n", "text/plain", body)
+
+    def _send(self, code, text, ctype, body, headers=None):
+        data = text.encode("utf-8")
+        self.send_response(code)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(data)))
+        self.send_header("Cache-Control", "no-store")
+        for key, value in (headers or {}).items():
+            self.send_header(key, value)
+        self.end_headers()
+        if body:
+            self.wfile.write(data)
+
+    def log_message(self, format, *args):  # noqa: A002 - http.server's name
+        log.debug("status %s: " + format, self.client_address[0], *args)
+
+    def log_error(self, format, *args):  # noqa: A002
+        log.debug("status %s: " + format, self.client_address[0], *args)
+
+
+class StatusServer(_TrackedThreadsMixIn, http.server.ThreadingHTTPServer):
+    """The /status and /connections endpoint of a Proxy."""
+
+    allow_reuse_address = True
+    request_queue_size = 128
+    thread_prefix = "tcpproxy-status"
+
+    def __init__(self, address, proxy, allow=()):
+        self.proxy = proxy
+        self.allow = allow
+        self._init_tracking()
+        host = address[0]
+        self.address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        super().__init__(address, StatusHandler)
+
+    def verify_request(self, request, client_address):
+        if _allowed(client_address[0], self.allow):
+            return True
+        _ratelimited.log(logging.WARNING, "status-acl",
+                         "status: refused %s: not in --status-allow", client_address[0])
+        return False
+
+    def handle_error(self, request, client_address):
+        log.debug("status: error serving %s", client_address, exc_info=True)
+
+
+# Proxy #######################################################################
+
+class Proxy:
+    """A set of port mappings served by ProxyServers, plus status.
+
+    Methods for the caller: start(), apply(mappings), mappings,
+    connections(), status(), stop(timeout), set_backend_state(); use it as
+    a context manager to start and stop it.
+    """
+
+    def __init__(self, mappings=(), *, listen_host="0.0.0.0", resolver=None,
+                 connect_timeout=DEFAULT_CONNECT_TIMEOUT, close_on_dns_change=False,
+                 name=None, status_address=None, status_allow=(), backend_info=None,
+                 idle_timeout=None, allow=(), max_connections=0):
+        self.listen_host = listen_host
+        self.resolver = resolver if resolver is not None else Resolver()
+        self.connect_timeout = connect_timeout
+        self.close_on_dns_change = close_on_dns_change
+        self.name = name
+        self.idle_timeout = idle_timeout or None
+        self.allow = _networks(allow)
+        self.max_connections = max_connections or 0
+        self.registry = Registry()
+        self._status_address = status_address
+        self._status_allow = _networks(status_allow, "--status-allow")
+        self._status_server = None
+        self._initial = list(mappings)
+        self._servers = {}              # listen_port -> ProxyServer
+        self._server_threads = {}       # listen_port -> serve_forever thread
+        self._failures = {}             # spec -> reason, for /status
+        self._lock = threading.RLock()  # serialises start/apply/stop
+        self._rotation = {}
+        self._backend = dict(backend_info or {}) if backend_info else None
+        self._state = "new"
+        self._started = None
+        self._stop_event = threading.Event()
+        self._watcher = None
+        self._spare_lock = threading.Lock()
+        self._spare_fd = None
+        self._check_duplicates(self._initial)
+
+    # context manager
+    def __enter__(self):
+        self.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()
+
+    @staticmethod
+    def _check_duplicates(mappings):
+        seen = {}
+        for mapping in mappings:
+            if mapping.listen_port in seen and mapping.listen_port != 0:
+                raise ConfigError("listen port %d is used twice: %s and %s"
+                                  % (mapping.listen_port, seen[mapping.listen_port], mapping))
+            seen[mapping.listen_port] = mapping
+
+    # lifecycle
+    def start(self):
+        """Bind every listener and the status server, then serve."""
+        with self._lock:
+            if self._state != "new":
+                raise ProxyError("proxy already started")
+            self._started = time.time()
+            try:
+                self._spare_fd = os.open(os.devnull, os.O_RDONLY)
+            except OSError:
+                self._spare_fd = None
+            try:
+                for mapping in self._initial:
+                    self._start_server(mapping)
+                if self._status_address is not None:
+                    self._start_status()
+            except BaseException:
+                self._state = "running"
+                self.stop(timeout=1.0)
+                raise
+            if self.close_on_dns_change:
+                self.resolver.add_listener(self._dns_changed)
+                self._watcher = threading.Thread(target=self._watch_dns,
+                                                 name="tcpproxy-dns-watch")
+                self._watcher.start()
+            self._state = "running"
+            log.info("tcpproxy %s started: %s", __version__,
+                     ", ".join(m.spec for m in self.mappings) or "no mappings yet")
+        return self
+
+    def _start_status(self):
+        host, port = self._status_address
+        try:
+            server = StatusServer((host, port), self, self._status_allow)
+        except OSError as exc:
+            raise ConfigError("cannot serve status on %s: %s"
+                              % (_format_hostport(host, port), exc.strerror or exc)) from None
+        thread = threading.Thread(target=server.serve_forever, name="tcpproxy-status",
+                                  kwargs={"poll_interval": SERVE_POLL_INTERVAL})
+        thread.start()
+        self._status_server = (server, thread)
+        log.info("status on http://%s/status", _format_hostport(*server.server_address[:2]))
+
+    @property
+    def status_address(self):
+        if self._status_server is None:
+            return None
+        return self._status_server[0].server_address[:2]
+
+    @property
+    def mappings(self):
+        with self._lock:
+            return [s.mapping for _, s in sorted(self._servers.items())]
+
+    @property
+    def servers(self):
+        with self._lock:
+            return dict(self._servers)
+
+    def _start_server(self, mapping):
+        try:
+            server = ProxyServer(mapping, self, self.listen_host)
+        except OSError as exc:
+            raise ConfigError("cannot listen on %s for %s: %s" % (
+                _format_hostport(self.listen_host, mapping.listen_port), mapping,
+                exc.strerror or exc)) from None
+        port = server.port
+        thread = threading.Thread(target=server.serve_forever, name="tcpproxy-listen-%d" % port,
+                                  kwargs={"poll_interval": SERVE_POLL_INTERVAL})
+        thread.start()
+        self._servers[port] = server
+        self._server_threads[port] = thread
+        self._rotation[port] = itertools.count()
+        log.info("listening on %s for %s", _format_hostport(self.listen_host, port), mapping)
+        return server
+
+    def _stop_server(self, port, deadline, reason):
+        server = self._servers.pop(port)
+        thread = self._server_threads.pop(port)
+        server.stop_accepting()
+        thread.join(max(0.0, deadline - time.monotonic()))
+        for session in self.registry.sessions(port):
+            session.abort(reason)
+        stragglers = server.join(deadline)
+        if stragglers:
+            log.warning("%d: %d connection threads did not end in time", port, len(stragglers))
+        server.server_close()
+        self._rotation.pop(port, None)
+        self.registry.forget(port)
+        log.info("stopped listening on %d (%s)", port, reason)
+
+    def apply(self, mappings, timeout=5.0):
+        """Make *mappings* the live set (see the class docstring)."""
+        mappings = list(mappings)
+        self._check_duplicates(mappings)
+        wanted = {m.listen_port: m for m in mappings}
+        failures = {}
+        with self._lock:
+            if self._state != "running":
+                raise ProxyError("proxy is not running")
+            deadline = time.monotonic() + timeout
+            for port in sorted(set(self._servers) - set(wanted)):
+                self._stop_server(port, deadline, "mapping removed")
+            for port, mapping in sorted(wanted.items()):
+                server = self._servers.get(port)
+                if server is None:
+                    try:
+                        self._start_server(mapping)
+                    except ConfigError as exc:
+                        failures[mapping.spec] = str(exc)
+                        log.error("%s", exc)
+                elif server.mapping != mapping:
+                    log.info("%d: mapping changed: %s -> %s (open connections stay "
+                             "on the old target)", port, server.mapping, mapping)
+                    server.set_mapping(mapping)
+            self._failures = failures
+        if failures:
+            raise ConfigError("%d mapping(s) could not start: %s"
+                              % (len(failures), "; ".join(failures.values())),
+                              failures=failures)
+
+    def is_draining(self):
+        return self._state in ("draining", "stopping", "stopped")
+
+    def stop(self, timeout=5.0, drain=0.0):
+        """Stop listening, close every session and join every thread.
+
+        With *drain* > 0, listeners close at once but open connections may
+        finish for up to *drain* seconds before they are closed.
+        """
+        with self._lock:
+            if self._state in ("stopped", "new"):
+                self._state = "stopped"
+                return
+            self._stop_event.set()
+            if drain and self.registry.active():
+                self._state = "draining"
+                log.warning("draining: waiting up to %gs for %d connection(s)",
+                            drain, self.registry.active())
+                for server in self._servers.values():
+                    server.stop_accepting()
+                if not self.registry.wait_idle(drain):
+                    log.warning("drain timeout: closing %d connection(s)",
+                                self.registry.active())
+            self._state = "stopping"
+            deadline = time.monotonic() + timeout
+            for port in sorted(self._servers):
+                self._stop_server(port, deadline, "proxy stopping")
+            if self._watcher is not None:
+                self._watcher.join(max(0.0, deadline - time.monotonic()))
+            if self._status_server is not None:
+                server, thread = self._status_server
+                server.shutdown()
+                thread.join(max(0.0, deadline - time.monotonic()))
+                server.server_close()
+                server.join(deadline)
+                self._status_server = None
+            if self._spare_fd is not None:
+                os.close(self._spare_fd)
+                self._spare_fd = None
+            self._state = "stopped"
+            log.info("tcpproxy stopped")
+
+    def drain_and_stop(self, drain, timeout=5.0):
+        self.stop(timeout=timeout, drain=drain)
+
+    # connections
+    def connect_upstream(self, mapping, session):
+        """Connect *session* to *mapping*'s target, trying every address
+        from a rotating start; return the socket or None (reason logged)."""
+        try:
+            addresses = self.resolver.lookup(mapping.host)
+        except ResolveError as exc:
+            _ratelimited.log(logging.WARNING, ("resolve", mapping.listen_port),
+                             "%d: closing client %s: %s", mapping.listen_port,
+                             _format_hostport(*session.client[:2]), exc)
+            session.abort("cannot resolve %s" % mapping.host)
+            return None
+        counter = self._rotation.get(mapping.listen_port)
+        start = next(counter) % len(addresses) if counter is not None else 0
+        errors = []
+        for address in addresses[start:] + addresses[:start]:
+            if session.closed_reason is not None:
+                return None
+            family = socket.AF_INET6 if ":" in address else socket.AF_INET
+            try:
+                sock = socket.socket(family, socket.SOCK_STREAM)
+            except OSError as exc:
+                errors.append("%s: %s" % (address, exc.strerror or exc))
+                break
+            try:
+                sock.settimeout(self.connect_timeout)
+                sock.connect((address, mapping.port))
+                sock.settimeout(None)
+            except OSError as exc:
+                sock.close()
+                reason = "timed out" if isinstance(exc, socket.timeout) else (exc.strerror or str(exc))
+                errors.append("%s: %s" % (_format_hostport(address, mapping.port), reason))
+                log.info("%d: connect to %s failed: %s", mapping.listen_port,
+                         _format_hostport(address, mapping.port), reason)
+                continue
+            _tune(sock)
+            with session.lock:
+                if session.closed_reason is not None:
+                    sock.close()
+                    return None
+                session.upstream_sock = sock
+            session.upstream_address = sock.getpeername()
+            return sock
+        _ratelimited.log(logging.WARNING, ("connect", mapping.listen_port),
+                         "%d: closing client %s: no upstream for %s accepted (%s)",
+                         mapping.listen_port, _format_hostport(*session.client[:2]),
+                         mapping, "; ".join(errors) or "no address")
+        session.abort("upstream unreachable", reset=True)
+        return None
+
+    def accept_exhausted(self, server, exc):
+        """accept() failed for lack of descriptors: shed one client and back off."""
+        _ratelimited.log(logging.ERROR, "accept", "%d: cannot accept (%s): shedding "
+                         "a client and backing off", server.port, exc.strerror)
+        with self._spare_lock:
+            if self._spare_fd is not None:
+                os.close(self._spare_fd)
+                self._spare_fd = None
+                try:
+                    conn, _ = server.socket.accept()
+                    _reset_close(conn)
+                except OSError:
+                    pass
+                try:
+                    self._spare_fd = os.open(os.devnull, os.O_RDONLY)
+                except OSError:
+                    self._spare_fd = None
+        server._stopping.wait(ACCEPT_BACKOFF)
+
+    # DNS change handling
+    def _dns_changed(self, host, old, new):
+        if not old:
+            return
+        keep = set(new)
+        ports = {port for port, s in self.servers.items() if s.mapping.host == host}
+        for session in self.registry.sessions():
+            if (session.listen_port in ports and session.upstream_address
+                    and session.upstream_address[0] not in keep):
+                log.warning("%d: closing %s: %s no longer resolves to %s",
+                            session.listen_port, _format_hostport(*session.client[:2]),
+                            host, session.upstream_address[0])
+                session.abort("DNS changed", reset=True)
+
+    def _watch_dns(self):
+        """Re-resolve names that live connections depend on when they expire."""
+        while not self._stop_event.is_set():
+            wait = 5.0
+            hosts = {s.mapping.host for s in self.servers.values() if not _is_ip(s.mapping.host)}
+            for host in hosts:
+                remaining = self.resolver.expires_in(host)
+                if remaining is None or remaining <= 0:
+                    try:
+                        self.resolver.lookup(host)
+                    except ResolveError:
+                        pass
+                    remaining = self.resolver.expires_in(host)
+                if remaining is not None:
+                    wait = min(wait, max(remaining, 0.0))
+            self._stop_event.wait(max(wait, 0.5))
+
+    # reporting
+    def set_backend_state(self, **info):
+        """Record the backend's state for /status (ok, error, last_poll...)."""
+        with self.registry.lock:
+            self._backend = dict(self._backend or {}, **info)
+
+    def connections(self):
+        """What GET /connections returns."""
+        sessions, _ = self.registry.snapshot()
+        specs = [m.spec for m in self.mappings]
+        result = {"name": self.name, "connections": specs, "sessions": sessions}
+        if not specs:
+            result["error"] = "No connections!"
+        return result
+
+    def status(self):
+        """What GET /status?format=json returns; "ok" drives the 200/503."""
+        sessions, stats = self.registry.snapshot()
+        with self.registry.lock:
+            backend = dict(self._backend) if self._backend is not None else None
+        mappings = []
+        reasons = []
+        if self._state == "draining":
+            reasons.append("draining")
+        elif self._state != "running":
+            reasons.append(self._state)
+        for port, server in sorted(self.servers.items()):
+            mapping = server.mapping
+            dns_info = self.resolver.info(mapping.host)
+            counters = stats.get(port, {"active": 0, "total": 0, "bytes_up": 0,
+                                        "bytes_down": 0, "refused": 0, "failed": 0})
+            listening = server.socket.fileno() != -1
+            if not listening and self._state == "running":
+                reasons.append("listener %d is down" % port)
+            mappings.append(dict(counters, **{
+                "spec": mapping.spec, "listen": _format_hostport(*server.server_address[:2]),
+                "target": _format_hostport(mapping.host, mapping.port),
+                "listening": listening, "addresses": dns_info["addresses"],
+                "expires_in": dns_info["expires_in"], "stale": dns_info["stale"],
+                "dns_error": dns_info["error"],
+                "allow": [str(n) for n in mapping.allow],
+                "max_connections": mapping.max_connections}))
+        for spec, reason in sorted(self._failures.items()):
+            reasons.append("%s: %s" % (spec, reason))
+        if backend is not None and not backend.get("ok", True):
+            reasons.append("backend: %s" % (backend.get("error") or "no successful poll yet"))
+        return {"ok": not reasons, "reason": "; ".join(reasons) or "OK",
+                "version": __version__, "name": self.name,
+                "uptime": round(time.time() - self._started, 3) if self._started else 0,
+                "state": self._state, "backend": backend,
+                "active": len(sessions), "mappings": mappings,
+                "failed_mappings": dict(self._failures),
+                "resolver": self.resolver.nameservers}
+
+
+# Backends ####################################################################
+
+class StaticBackend:
+    """The ``--connections`` list; nothing to poll."""
+
+    name = "static"
+    interval = None
+
+    def __init__(self, options, client=None):
+        self.mappings = parse_connections(getattr(options, "connections", None) or ())
+
+    def fetch(self):
+        return list(self.mappings)
+
+    def describe(self):
+        return {}
+
+
+def load_backend(name, options, client=None):
+    """Return a Backend instance for *name* ("static" is built in; the rest
+    live in the tcpproxy_backends package)."""
+    name = (name or "").strip().lower()
+    if not name:
+        raise ConfigError("blank backend specified")
+    if name == "static":
+        return StaticBackend(options)
+    if name not in BACKENDS:
+        raise ConfigError("unknown backend %r (choose from %s)" % (name, ", ".join(BACKENDS)))
+    try:
+        module = importlib.import_module("tcpproxy_backends." + name)
+    except ImportError as exc:
+        raise BackendError("the %s backend is not installed (%s): pip install "
+                           "'tcpproxy[aws]'" % (name, exc)) from None
+    return module.Backend(options, client=client) if client is not None else module.Backend(options)
+
+
+class BackendPoller:
+    """A thread that polls a backend and applies its mappings to a Proxy.
+
+    A failed poll keeps the current mappings and is retried with backoff
+    capped at the interval; poke() (SIGHUP) polls at once.
+    """
+
+    def __init__(self, proxy, backend, interval=DEFAULT_POLL_INTERVAL):
+        self.proxy = proxy
+        self.backend = backend
+        self.interval = getattr(backend, "interval", None) or interval
+        self._stop = threading.Event()
+        self._poke = threading.Event()
+        self._thread = None
+        self.polls = 0
+        self.last_ok = None
+        self.last_error = None
+        self.applied = threading.Condition()
+
+    def start(self):
+        self._thread = threading.Thread(target=self._run, name="tcpproxy-backend-%s"
+                                        % self.backend.name)
+        self._thread.start()
+        return self
+
+    def poke(self):
+        self._poke.set()
+
+    def stop(self, timeout=5.0):
+        self._stop.set()
+        self._poke.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def poll_once(self):
+        """Fetch and apply once; return True on success."""
+        now = time.time()
+        try:
+            mappings = self.backend.fetch()
+        except ProxyError as exc:
+            return self._record(False, "poll failed: %s" % exc)
+        except Exception as exc:  # noqa: BLE001 - a poller must survive anything
+            log.debug("backend %s failed", self.backend.name, exc_info=True)
+            return self._record(False, "poll failed: %s: %s" % (exc.__class__.__name__, exc))
+        if set(mappings) != set(self.proxy.mappings):
+            log.info("backend %s: applying %s", self.backend.name,
+                     ", ".join(m.spec for m in mappings) or "no mappings")
+        try:
+            self.proxy.apply(mappings)
+        except ConfigError as exc:
+            for spec, reason in exc.failures.items():
+                log.error("backend %s: %s", self.backend.name, reason)
+            self.last_ok = now
+            return self._record(True, None, partial=str(exc))
+        self.last_ok = now
+        return self._record(True, None)
+
+    def _record(self, ok, error, partial=None):
+        self.polls += 1
+        if not ok:
+            self.last_error = error
+            log.warning("backend %s: %s; keeping the current mappings",
+                        self.backend.name, error)
+        info = {"name": self.backend.name, "ok": ok or self.last_ok is not None,
+                "polls": self.polls, "error": error if not ok else partial,
+                "last_poll_ok": self.last_ok and time.strftime(
+                    "%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.last_ok)),
+                "last_error": self.last_error}
+        if self.last_ok is None:
+            info["ok"] = False
+        try:
+            info.update(self.backend.describe() or {})
+        except Exception:  # noqa: BLE001
+            pass
+        self.proxy.set_backend_state(**info)
+        with self.applied:
+            self.applied.notify_all()
+        return ok
+
+    def _run(self):
+        backoff = 0.0
+        while not self._stop.is_set():
+            ok = self.poll_once()
+            if ok:
+                backoff = 0.0
+                wait = self.interval
+            else:
+                backoff = min(max(backoff * 2, 1.0), self.interval)
+                wait = backoff
+            self.proxy.set_backend_state(next_poll=time.strftime(
+                "%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + wait)))
+            self._poke.wait(wait)
+            self._poke.clear()
+
+
+# CLI #########################################################################
+
+EPILOG = """\
+examples:
+  tcpproxy --connections 8002:db.example.com:5432
+  tcpproxy --connections 8002:db.example.com:5432,6380:cache.example.com:6379 --debug 1
+  tcpproxy --connections 8002:[2001:db8::10]:5432 --listen-address ::
+  tcpproxy --backend dynamodb --proxy realtime --region us-east-1
+  tcpproxy --backend elasticache --elasticache-cluster-id docker-registry --elasticache-port 5000
+  tcpproxy --backend file --config mappings.yaml
+  tcpproxy dynamodb --help            (manage the DynamoDB table)
+
+status: GET http://127.0.0.1:8001/status and /connections (--status ADDR, env STATUS_ADDRESS)
+"""
+
+
+def _arg_type(func):
+    def convert(text):
+        try:
+            return func(text)
+        except (ValueError, ConfigError) as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+    convert.__name__ = func.__name__
+    return convert
+
+
+def _positive_float(text):
+    value = float(text)
+    if not value > 0 or value != value or value == float("inf"):
+        raise ValueError("must be a positive number of seconds, not %r" % text)
+    return value
+
+
+def _non_negative_int(text):
+    value = int(text)
+    if value < 0:
+        raise ValueError("must be 0 or more, not %r" % text)
+    return value
+
+
+def _status_address(text):
+    if text.strip().lower() in ("off", "none", "no", "false", ""):
+        return None
+    host, port = parse_hostport(text, default_host="0.0.0.0" if text.strip().startswith(":")
+                                else "127.0.0.1", what="status address")
+    return host, port
+
+
+def _listen_address(text):
+    text = text.strip().strip("[]")
+    if text in ("", "*"):
+        return "0.0.0.0"
+    if not _is_ip(text):
+        raise ValueError("invalid listen address %r: not an IP address" % text)
+    return text
+
+
+def _resolver_address(text):
+    return parse_hostport(text, default_port=53, what="resolver")
+
+
+def _backend_name(text):
+    name = text.strip().lower()
+    if name not in BACKENDS:
+        raise ValueError("unknown backend %r (choose from %s)" % (text, ", ".join(BACKENDS)))
+    return name
+
+
+def _debug_level(text):
+    value = int(text)
+    if not 0 <= value <= 2:
+        raise ValueError("invalid debug level %r: use 0, 1 or 2" % text)
+    return value
+
+
+class _ArgumentParser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line plus a hint."""
+
+    def error(self, message):
+        self.exit(2, "%s: error: %s\nTry '%s --help' for more.\n"
+                  % (self.prog, message, self.prog))
+
+
+def build_parser():
+    env_status = os.environ.get("STATUS_ADDRESS")
+    parser = _ArgumentParser(
+        prog="tcpproxy", description="A TCP proxy that obeys DNS TTLs.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add = parser.add_argument
+    add("--version", action="version", version="tcpproxy " + __version__)
+    add("--connections", action="extend", nargs="+", default=[], metavar="LPORT:HOST:RPORT",
+        help="mappings, separated by commas or spaces; may be repeated")
+    add("--backend", type=_arg_type(_backend_name), default="static",
+        help="where mappings come from: %s (default static)" % ", ".join(BACKENDS))
+    add("--status", "--status-address", dest="status",
+        default=env_status or DEFAULT_STATUS_ADDRESS, metavar="ADDR",
+        help="HOST:PORT of /status and /connections, or 'off' (default %s; env "
+             "STATUS_ADDRESS)" % DEFAULT_STATUS_ADDRESS)
+    add("--status-allow", action="append", default=[], metavar="CIDR",
+        help="clients allowed to read the status endpoints (default: anyone who can reach it)")
+    add("--listen-address", type=_arg_type(_listen_address), default="0.0.0.0", metavar="IP",
+        help="address the mappings listen on (default 0.0.0.0; '::' for dual stack)")
+    add("--resolver", action="append", type=_arg_type(_resolver_address), default=[],
+        metavar="IP[:PORT]", help="DNS server to ask (repeatable; default: /etc/resolv.conf)")
+    add("--dns-timeout", type=_arg_type(_positive_float), default=DEFAULT_DNS_TIMEOUT,
+        metavar="SECONDS", help="how long one DNS lookup may take (default %g)"
+        % DEFAULT_DNS_TIMEOUT)
+    add("--connect-timeout", type=_arg_type(_positive_float), default=DEFAULT_CONNECT_TIMEOUT,
+        metavar="SECONDS", help="per upstream address attempt (default %g)"
+        % DEFAULT_CONNECT_TIMEOUT)
+    add("--close-on-dns-change", action="store_true",
+        help="close connections whose upstream address left the DNS answer")
+    add("--allow", action="append", default=[], metavar="CIDR",
+        help="only these clients may connect (repeatable; default: anyone)")
+    add("--max-connections", type=_arg_type(_non_negative_int), default=0, metavar="N",
+        help="at most N concurrent clients in all (default 0: no limit)")
+    add("--idle-timeout", type=_arg_type(_positive_float), default=None, metavar="SECONDS",
+        help="close connections with no traffic either way for this long (default off)")
+    add("--drain-timeout", type=_arg_type(lambda t: 0.0 if float(t) == 0 else _positive_float(t)),
+        default=10.0, metavar="SECONDS",
+        help="on SIGTERM, let open connections finish for this long (default 10)")
+    add("--debug", type=_arg_type(_debug_level), default=0, metavar="{0,1,2}",
+        help="0 warnings and errors, 1 adds connections, DNS and config changes, 2 everything")
+    aws = parser.add_argument_group("backends")
+    aws.add_argument("--proxy", help="proxy name (dynamodb: the items' proxy_name)")
+    aws.add_argument("--dynamodb", default="classic-proxy", metavar="TABLE",
+                     help="DynamoDB table (default classic-proxy)")
+    aws.add_argument("--region", default=None,
+                     help="AWS region (default: the AWS configuration chain)")
+    aws.add_argument("--elasticache-cluster-id", metavar="ID")
+    aws.add_argument("--elasticache-port", type=int, metavar="PORT",
+                     help="local port that forwards to the cluster's node")
+    aws.add_argument("--config", metavar="FILE", help="YAML mappings file (--backend file)")
+    aws.add_argument("--poll-interval", type=_arg_type(_positive_float),
+                     default=DEFAULT_POLL_INTERVAL, metavar="SECONDS",
+                     help="backend poll interval (default %g)" % DEFAULT_POLL_INTERVAL)
+    return parser
+
+
+def _normalise_argv(argv, parser):
+    """Accept the original Go tool's single-dash long flags (``-debug 2``)."""
+    longs = {s for a in parser._actions for s in a.option_strings if s.startswith("--")}
+    out = []
+    for arg in argv:
+        if re.match(r"^-[a-z][a-z-]+(=|$)", arg) and "-" + arg.split("=", 1)[0] in longs:
+            arg = "-" + arg
+        out.append(arg)
+    return out
+
+
+def parse_args(argv=None):
+    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(_normalise_argv(argv, parser))
+    try:
+        args.status_address = _status_address(args.status)
+    except ValueError as exc:
+        parser.error("argument --status: %s" % exc)
+    try:
+        args.mappings = parse_connections(args.connections)
+    except ConfigError as exc:
+        parser.error("argument --connections: %s" % exc)
+    try:
+        args.allow_networks = _networks(args.allow)
+        args.status_allow_networks = _networks(args.status_allow, "--status-allow")
+    except ConfigError as exc:
+        parser.error(str(exc))
+    if args.backend == "static" and not args.mappings:
+        parser.error("the static backend needs --connections LPORT:HOST:RPORT")
+    if args.backend != "static" and args.mappings:
+        parser.error("--connections is for the static backend, not %s" % args.backend)
+    return args
+
+
+def _raise_nofile_limit():
+    try:
+        import resource
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if hard != resource.RLIM_INFINITY and soft < hard:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            log.debug("raised the descriptor limit from %d to %d", soft, hard)
+    except (ImportError, ValueError, OSError) as exc:
+        log.debug("cannot raise the descriptor limit: %s", exc)
+
+
+class _Signals:
+    """Turn SIGTERM/SIGINT into a stop request (the second one: stop now)
+    and SIGHUP into a reload request."""
+
+    def __init__(self):
+        self.stop = threading.Event()
+        self.reload = threading.Event()
+        self.count = 0
+
+    def install(self):
+        signal.signal(signal.SIGTERM, self._on_stop)
+        signal.signal(signal.SIGINT, self._on_stop)
+        if hasattr(signal, "SIGHUP"):
+            signal.signal(signal.SIGHUP, self._on_hup)
+
+    def _on_stop(self, signum, frame):
+        self.count += 1
+        self.stop.set()
+        if self.count > 1:
+            raise KeyboardInterrupt
+
+    def _on_hup(self, signum, frame):
+        self.reload.set()
+
+
+def main(argv=None):
+    """Run the command line; return the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "dynamodb":
+        try:
+            from tcpproxy_backends import dynamodb
+        except ImportError as exc:
+            sys.stderr.write("tcpproxy: error: the dynamodb helper is not installed: %s\n" % exc)
+            return 2
+        return dynamodb.cli(argv[1:])
+    args = parse_args(argv)
+    logging.basicConfig(level=DEBUG_LEVELS[args.debug],
+                        format="%(asctime)s %(levelname)s %(threadName)s: %(message)s")
+    _raise_nofile_limit()
+    try:
+        threading.stack_size(THREAD_STACK_SIZE)
+    except (ValueError, RuntimeError):
+        pass
+    signals = _Signals()
+    signals.install()
+    proxy = poller = None
+    try:
+        resolver = Resolver(args.resolver or None, timeout=args.dns_timeout)
+        backend = load_backend(args.backend, args)
+        proxy = Proxy(backend.fetch() if args.backend == "static" else (),
+                      listen_host=args.listen_address, resolver=resolver,
+                      connect_timeout=args.connect_timeout,
+                      close_on_dns_change=args.close_on_dns_change, name=args.proxy,
+                      status_address=args.status_address,
+                      status_allow=args.status_allow_networks,
+                      backend_info=None if args.backend == "static" else {
+                          "name": args.backend, "ok": False,
+                          "error": "no successful poll yet"},
+                      idle_timeout=args.idle_timeout, allow=args.allow_networks,
+                      max_connections=args.max_connections)
+        proxy.start()
+        if args.backend != "static":
+            poller = BackendPoller(proxy, backend, args.poll_interval).start()
+        while not signals.stop.wait(1.0 if poller is None else 0.5):
+            if signals.reload.is_set():
+                signals.reload.clear()
+                if poller is not None:
+                    log.warning("SIGHUP: polling the %s backend now", args.backend)
+                    poller.poke()
+                else:
+                    log.warning("SIGHUP: the static backend has nothing to reload")
+        log.warning("stopping (signal received)")
+        if poller is not None:
+            poller.stop()
+            poller = None
+        try:
+            proxy.stop(drain=args.drain_timeout)
+        except KeyboardInterrupt:
+            log.warning("second signal: closing all connections now")
+            proxy.stop(timeout=2.0)
+        return 0
+    except ConfigError as exc:
+        log.error("%s", exc)
+        return 2
+    except ProxyError as exc:
+        log.error("%s", exc)
+        return 1
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        if poller is not None:
+            poller.stop()
+        if proxy is not None:
+            try:
+                proxy.stop(timeout=2.0)
+            except KeyboardInterrupt:
+                pass
+
+
+if __name__ == "__main__":
+    sys.exit(main())
