@@ -33,6 +33,7 @@ __all__ = [
 
 import argparse
 import errno
+import fcntl
 import http.server
 import importlib
 import ipaddress
@@ -78,6 +79,9 @@ SERVE_POLL_INTERVAL = 0.2          # serve_forever(): how fast shutdown() return
 ACCEPT_BACKOFF = 0.1               # pause after EMFILE/ENFILE or no thread
 THREAD_STACK_SIZE = 256 * 1024     # set by main() only
 DEBUG_LEVELS = (logging.WARNING, logging.INFO, logging.DEBUG)
+SPLICE_F_MOVE = getattr(os, "SPLICE_F_MOVE", 1)
+SPLICE_F_NONBLOCK = getattr(os, "SPLICE_F_NONBLOCK", 2)
+F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 
 # Errors that mean "the peer went away": logged at debug, never re-raised.
 NET_ERRS = (errno.ECONNRESET, errno.EPIPE, errno.ECONNABORTED, errno.ETIMEDOUT,
@@ -795,17 +799,25 @@ class ProxyHandler(socketserver.BaseRequestHandler):
 
     def _run_pumps(self, session, client, upstream, proxy):
         name = threading.current_thread().name
-        down = threading.Thread(target=_pump, name=name + "-down",
-                                args=(session, upstream, client, False, proxy.idle_timeout))
+        pump = proxy.pump
+        done = threading.Event()
+
+        def down():
+            threading.current_thread().name = name + "-down"
+            try:
+                pump(session, upstream, client, False, proxy)
+            finally:
+                done.set()
+
         try:
-            down.start()
+            proxy.workers.submit(down)
         except RuntimeError as exc:  # can't start new thread
             _ratelimited.log(logging.ERROR, "thread", "cannot start a pump thread (%s): "
                              "closing %s", exc, _format_hostport(*session.client[:2]))
             session.abort("no thread")
             return
-        _pump(session, client, upstream, True, proxy.idle_timeout)
-        down.join()
+        pump(session, client, upstream, True, proxy)
+        done.wait()
 
 
 def _reset_close(sock):
@@ -816,54 +828,177 @@ def _reset_close(sock):
     sock.close()
 
 
-def _pump(session, src, dst, up, idle_timeout):
-    """Copy *src* to *dst* until EOF or error; see ProxyHandler."""
+# Pumps #######################################################################
+#
+# A pump copies one direction of a session.  It waits with poll() (not
+# select(), which breaks above descriptor 1024), then moves what is there.
+# Idle connections hold no buffer and no pipe: buffers (copy pump) and pipes
+# (splice pump) come from pools only while bytes are moving, so memory per
+# idle connection is the two sockets and the two parked threads.
+
+class _BufferPool:
+    """Reusable bytearrays for the copy pump (list append/pop are atomic)."""
+
+    def __init__(self, size=LARGE_BUFFER, keep=64):
+        self.size = size
+        self.keep = keep
+        self._free = []
+
+    def get(self):
+        try:
+            return self._free.pop()
+        except IndexError:
+            return bytearray(self.size)
+
+    def put(self, buf):
+        if len(self._free) < self.keep:
+            self._free.append(buf)
+
+
+class _PipePool:
+    """Reusable pipes for the splice pump; a pipe goes back only when empty."""
+
+    def __init__(self, size=LARGE_BUFFER, keep=64):
+        self.size = size
+        self.keep = keep
+        self.lock = threading.Lock()
+        self._free = []
+        self._closed = False
+
+    def get(self):
+        try:
+            return self._free.pop()
+        except IndexError:
+            pass
+        r, w = os.pipe2(os.O_CLOEXEC) if hasattr(os, "pipe2") else os.pipe()
+        try:
+            fcntl.fcntl(w, F_SETPIPE_SZ, self.size)
+        except OSError:
+            pass
+        return r, w
+
+    def put(self, pipe):
+        with self.lock:
+            if not self._closed and len(self._free) < self.keep:
+                self._free.append(pipe)
+                return
+        self.discard(pipe)
+
+    @staticmethod
+    def discard(pipe):
+        for fd in pipe:
+            os.close(fd)
+
+    def close(self):
+        with self.lock:
+            self._closed = True
+            free, self._free = self._free, []
+        for pipe in free:
+            self.discard(pipe)
+
+
+def _wait_readable(poller, session, idle_timeout, wait_ms):
+    """Block until the pump's source is readable; False on idle timeout."""
+    while not poller.poll(wait_ms):
+        if time.monotonic() - session.last_active >= idle_timeout:
+            session.abort("idle timeout")
+            return False
+    return True
+
+
+def _end_of_stream(session, dst):
+    if session.closed_reason is None:
+        try:
+            dst.shutdown(socket.SHUT_WR)       # half-close
+        except OSError:
+            pass
+
+
+def _count(session, up, n, idle_timeout):
+    if up:
+        session.bytes_up += n
+    else:
+        session.bytes_down += n
+    if idle_timeout:
+        session.last_active = time.monotonic()
+
+
+def copy_pump(session, src, dst, up, proxy):
+    """Copy *src* to *dst* through a pooled buffer until EOF or error."""
+    idle_timeout = proxy.idle_timeout
+    wait_ms = int(min(idle_timeout, 5.0) * 1000) if idle_timeout else None
     poller = select.poll()
     poller.register(src, select.POLLIN | select.POLLPRI)
-    wait_ms = int(min(idle_timeout, 5.0) * 1000) if idle_timeout else None
-    buf = bytearray(SMALL_BUFFER)
-    view = memoryview(buf)
-    size = SMALL_BUFFER
-    recv_into = src.recv_into
-    sendall = dst.sendall
-    try:
-        while True:
-            if not poller.poll(wait_ms):
-                if time.monotonic() - session.last_active >= idle_timeout:
-                    session.abort("idle timeout")
-                    return
-                continue
+    buffers = proxy.buffers
+    recv_into, sendall = src.recv_into, dst.sendall
+    while _wait_readable(poller, session, idle_timeout, wait_ms):
+        buf = buffers.get()
+        try:
             try:
                 n = recv_into(buf)
+            except (BlockingIOError, InterruptedError):
+                continue
             except OSError as exc:
-                if exc.errno in (errno.EAGAIN, errno.EINTR):
-                    continue
                 _failed(session, exc, "client" if up else "upstream")
                 return
             if not n:
-                if session.closed_reason is None:
-                    try:
-                        dst.shutdown(socket.SHUT_WR)       # half-close
-                    except OSError:
-                        pass
+                _end_of_stream(session, dst)
                 return
             try:
-                sendall(view[:n])
+                sendall(memoryview(buf)[:n])
             except OSError as exc:
                 _failed(session, exc, "upstream" if up else "client")
                 return
-            if up:
-                session.bytes_up += n
-            else:
-                session.bytes_down += n
-            if idle_timeout:
-                session.last_active = time.monotonic()
-            if n == size and size < LARGE_BUFFER:
-                size = LARGE_BUFFER
-                buf = bytearray(size)
-                view = memoryview(buf)
-    finally:
-        view.release()
+        finally:
+            buffers.put(buf)
+        _count(session, up, n, idle_timeout)
+
+
+def splice_pump(session, src, dst, up, proxy):
+    """Move *src* to *dst* with os.splice() through a pooled pipe: the bytes
+    never enter Python.  Falls back to copy_pump when no pipe can be had."""
+    idle_timeout = proxy.idle_timeout
+    wait_ms = int(min(idle_timeout, 5.0) * 1000) if idle_timeout else None
+    poller = select.poll()
+    poller.register(src, select.POLLIN | select.POLLPRI)
+    pipes = proxy.pipes
+    sfd, dfd = src.fileno(), dst.fileno()
+    chunk = pipes.size
+    splice = os.splice
+    flags_in = SPLICE_F_MOVE | SPLICE_F_NONBLOCK
+    while _wait_readable(poller, session, idle_timeout, wait_ms):
+        try:
+            pipe = pipes.get()
+        except OSError as exc:           # out of descriptors: copy this time
+            _ratelimited.log(logging.WARNING, "pipe", "cannot create a pipe (%s); "
+                             "copying through memory", exc.strerror)
+            return copy_pump(session, src, dst, up, proxy)
+        try:
+            n = splice(sfd, pipe[1], chunk, flags=flags_in)
+        except (BlockingIOError, InterruptedError):
+            pipes.put(pipe)
+            continue
+        except OSError as exc:
+            pipes.put(pipe)
+            _failed(session, exc, "client" if up else "upstream")
+            return
+        if not n:
+            pipes.put(pipe)
+            _end_of_stream(session, dst)
+            return
+        left = n
+        try:
+            while left:
+                left -= splice(pipe[0], dfd, left, flags=SPLICE_F_MOVE)
+        except OSError as exc:
+            pipes.discard(pipe)           # bytes may be left in it
+            _failed(session, exc, "upstream" if up else "client")
+            return
+        pipes.put(pipe)
+        _count(session, up, n, idle_timeout)
+
+
+HAVE_SPLICE = hasattr(os, "splice") and sys.platform.startswith("linux")
 
 
 def _failed(session, exc, side):
@@ -877,10 +1012,98 @@ def _failed(session, exc, side):
                   reset=True)
 
 
+class _WorkerPool:
+    """Reusable threads: a task given to submit() starts at once, on an
+    idle worker or on a new thread; a worker idle for *idle_timeout*
+    seconds ends.  close() wakes idle workers and joins them all.
+
+    Creating two threads per connection costs more than the connection
+    itself under churn; parked workers cost a little memory instead.
+    """
+
+    def __init__(self, name="tcpproxy-worker", idle_timeout=30.0, keep=512):
+        self.name = name
+        self.idle_timeout = idle_timeout
+        self.keep = keep
+        self.lock = threading.Lock()
+        self._idle = []                 # LIFO of parked workers
+        self._all = set()
+        self._ids = itertools.count(1)
+        self._closed = False
+
+    def submit(self, func, *args):
+        """Run func(*args) on a worker; RuntimeError if no thread can start."""
+        with self.lock:
+            if self._closed:
+                raise RuntimeError("worker pool is closed")
+            if self._idle:
+                worker = self._idle.pop()
+                worker.task = (func, args)
+                worker.wake.set()
+                return
+            worker = threading.Thread(target=self._run, name="%s-%d" % (self.name, next(self._ids)))
+            worker.task = (func, args)
+            worker.wake = threading.Event()
+            self._all.add(worker)
+        try:
+            worker.start()
+        except RuntimeError:
+            with self.lock:
+                self._all.discard(worker)
+            raise
+
+    def _run(self):
+        me = threading.current_thread()
+        base = me.name
+        task = me.task
+        while task is not None:
+            me.task = None
+            func, args = task
+            try:
+                func(*args)
+            except Exception:  # noqa: BLE001 - a worker must survive its task
+                log.exception("unexpected error in %s", me.name)
+            me.name = base
+            task = self._park(me)
+
+    def _park(self, me):
+        with self.lock:
+            if self._closed or len(self._idle) >= self.keep:
+                self._all.discard(me)
+                return None
+            me.wake.clear()
+            self._idle.append(me)
+        if not me.wake.wait(self.idle_timeout):
+            with self.lock:
+                if me in self._idle:      # nobody claimed us: retire
+                    self._idle.remove(me)
+                    self._all.discard(me)
+                    return None
+        return me.task                    # None when close() woke us
+
+    def threads(self):
+        with self.lock:
+            return list(self._all)
+
+    def close(self, deadline):
+        """Stop parked workers and join every worker until *deadline*."""
+        with self.lock:
+            self._closed = True
+            idle, self._idle = self._idle, []
+        for worker in idle:
+            worker.wake.set()
+        for worker in self.threads():
+            if worker is not threading.current_thread():
+                worker.join(max(0.0, deadline - time.monotonic()))
+        with self.lock:
+            self._all = {t for t in self._all if t.is_alive()}
+            return list(self._all)
+
+
 class _TrackedThreadsMixIn:
     """Start a named thread per request and keep track of it, so that
     stop() can join every one with a deadline (socketserver's own join has
-    no timeout).  Used by ProxyServer and StatusServer."""
+    no timeout).  Used by StatusServer."""
 
     daemon_threads = False
     block_on_close = False            # join() below, with a deadline
@@ -925,8 +1148,9 @@ class _TrackedThreadsMixIn:
         return [t for t in self.threads() if t.is_alive()]
 
 
-class ProxyServer(_TrackedThreadsMixIn, socketserver.ThreadingTCPServer):
-    """Listen for one mapping and hand every client to a ProxyHandler thread.
+class ProxyServer(socketserver.ThreadingTCPServer):
+    """Listen for one mapping and hand every client to a ProxyHandler,
+    run on the Proxy's worker pool.
 
     Methods for the caller: serve_forever(), stop_accepting(), join(deadline),
     server_close(), set_mapping(mapping).  Overridden hooks: server_bind(),
@@ -935,14 +1159,55 @@ class ProxyServer(_TrackedThreadsMixIn, socketserver.ThreadingTCPServer):
 
     allow_reuse_address = True
     request_queue_size = LISTEN_BACKLOG
+    daemon_threads = False
+    block_on_close = False            # join() below, with a deadline
 
     def __init__(self, mapping, proxy, listen_host="0.0.0.0"):
         self.mapping = mapping
         self.proxy = proxy
         self.address_family = socket.AF_INET6 if ":" in listen_host else socket.AF_INET
-        self._init_tracking()
+        self._active = 0
+        self._idle = threading.Condition(threading.Lock())
+        self._stopping = threading.Event()
         super().__init__((listen_host, mapping.listen_port), ProxyHandler)
-        self.thread_prefix = "tcpproxy-%d" % self.port
+
+    def process_request(self, request, client_address):
+        with self._idle:
+            self._active += 1
+        try:
+            self.proxy.workers.submit(self._process, request, client_address)
+        except RuntimeError as exc:     # can't start new thread
+            self._done()
+            _ratelimited.log(logging.ERROR, "thread", "%d: cannot start a thread (%s): "
+                             "closing client %s", self.port, exc,
+                             _format_hostport(*client_address[:2]))
+            _reset_close(request)
+            self._stopping.wait(ACCEPT_BACKOFF)
+
+    def _process(self, request, client_address):
+        threading.current_thread().name = "tcpproxy-%d-%s" % (self.port, client_address[1])
+        try:
+            self.process_request_thread(request, client_address)
+        finally:
+            self._done()
+
+    def _done(self):
+        with self._idle:
+            self._active -= 1
+            if not self._active:
+                self._idle.notify_all()
+
+    def active(self):
+        with self._idle:
+            return self._active
+
+    def join(self, deadline):
+        """Wait for this server's handlers until *deadline*; return how
+        many are still running."""
+        with self._idle:
+            self._idle.wait_for(lambda: not self._active,
+                                max(0.0, deadline - time.monotonic()))
+            return self._active
 
     def server_bind(self):
         if self.address_family == socket.AF_INET6:
@@ -1074,8 +1339,17 @@ class Proxy:
     def __init__(self, mappings=(), *, listen_host="0.0.0.0", resolver=None,
                  connect_timeout=DEFAULT_CONNECT_TIMEOUT, close_on_dns_change=False,
                  name=None, status_address=None, status_allow=(), backend_info=None,
-                 idle_timeout=None, allow=(), max_connections=0):
+                 idle_timeout=None, allow=(), max_connections=0, splice=None):
         self.listen_host = listen_host
+        if splice is None:
+            splice = HAVE_SPLICE and os.environ.get("TCPPROXY_SPLICE", "1") != "0"
+        if splice and not HAVE_SPLICE:
+            raise ConfigError("splice needs Linux and Python 3.10 or newer")
+        self.splice = bool(splice)
+        self.pump = splice_pump if splice else copy_pump
+        self.buffers = _BufferPool()
+        self.pipes = _PipePool() if splice else None
+        self.workers = _WorkerPool()
         self.resolver = resolver if resolver is not None else Resolver()
         self.connect_timeout = connect_timeout
         self.close_on_dns_change = close_on_dns_change
@@ -1204,7 +1478,7 @@ class Proxy:
             session.abort(reason)
         stragglers = server.join(deadline)
         if stragglers:
-            log.warning("%d: %d connection threads did not end in time", port, len(stragglers))
+            log.warning("%d: %d connection(s) did not end in time", port, stragglers)
         server.server_close()
         self._rotation.pop(port, None)
         self.registry.forget(port)
@@ -1276,6 +1550,12 @@ class Proxy:
                 server.server_close()
                 server.join(deadline)
                 self._status_server = None
+            leftover = self.workers.close(deadline)
+            if leftover:
+                log.warning("%d worker thread(s) did not end in time: %s", len(leftover),
+                            ", ".join(t.name for t in leftover))
+            if self.pipes is not None:
+                self.pipes.close()
             if self._spare_fd is not None:
                 os.close(self._spare_fd)
                 self._spare_fd = None
