@@ -34,6 +34,7 @@ __all__ = [
 import argparse
 import errno
 import fcntl
+import functools
 import http.server
 import importlib
 import ipaddress
@@ -46,6 +47,7 @@ import select
 import signal
 import socket
 import socketserver
+import struct
 import sys
 import threading
 import time
@@ -76,6 +78,7 @@ HOSTS_TTL = 5.0                    # how long an /etc/hosts answer is used
 DNS_BACKOFF_MIN = 0.5
 DNS_BACKOFF_MAX = 8.0
 SERVE_POLL_INTERVAL = 0.2          # serve_forever(): how fast shutdown() returns
+DRAIN_QUIET = 1.0                  # drain closes a session this long quiet
 ACCEPT_BACKOFF = 0.1               # pause after EMFILE/ENFILE or no thread
 THREAD_STACK_SIZE = 256 * 1024     # set by main() only
 DEBUG_LEVELS = (logging.WARNING, logging.INFO, logging.DEBUG)
@@ -87,6 +90,7 @@ F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 NET_ERRS = (errno.ECONNRESET, errno.EPIPE, errno.ECONNABORTED, errno.ETIMEDOUT,
             errno.EHOSTUNREACH, errno.ENETUNREACH, errno.ENOTCONN, errno.EBADF,
             errno.ESHUTDOWN)
+_TIMEVAL_ZERO = struct.pack("ll", 0, 0)
 EXHAUSTION_ERRS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 
 
@@ -117,6 +121,7 @@ class ResolveError(ProxyError):
 
 # Helpers #####################################################################
 
+@functools.lru_cache(maxsize=1024)
 def _is_ip(text):
     try:
         ipaddress.ip_address(text)
@@ -595,7 +600,8 @@ class Session:
 
     __slots__ = ("id", "listen_port", "target", "client", "upstream_address",
                  "started", "last_active", "bytes_up", "bytes_down", "lock",
-                 "client_sock", "upstream_sock", "closed_reason", "state")
+                 "client_sock", "upstream_sock", "closed_reason", "state", "pumps",
+                 "server")
 
     def __init__(self, sid, listen_port, target, client, client_sock):
         self.id = sid
@@ -612,6 +618,14 @@ class Session:
         self.lock = threading.Lock()
         self.closed_reason = None
         self.state = "connecting"
+        self.pumps = 2
+        self.server = None
+
+    def pump_ended(self):
+        """Count a finished pump; True for the last one."""
+        with self.lock:
+            self.pumps -= 1
+            return self.pumps == 0
 
     def abort(self, reason, reset=False):
         """Ask both pumps to stop: shut both sockets down (RST if *reset*)."""
@@ -749,31 +763,35 @@ def _tune(sock):
 class ProxyHandler(socketserver.BaseRequestHandler):
     """Connect one accepted client upstream and pump bytes both ways.
 
-    The handler thread pumps client -> upstream; a second thread pumps
+    The handler's worker pumps client -> upstream; a second worker pumps
     upstream -> client.  EOF on one side becomes shutdown(SHUT_WR) on the
-    other (half-close); a reset on either side resets the other.
+    other (half-close); a reset on either side resets the other.  Whichever
+    pump ends last closes the session, so neither waits for the other.
+    ``handed_off`` tells the server that the pumps own the client socket.
     """
+
+    handed_off = False
 
     def handle(self):
         server = self.server
         proxy = server.proxy
         mapping = server.mapping           # a snapshot: apply() may swap it
         client = self.request
-        host = self.client_address[0]
-        if not (_allowed(host, proxy.allow) and _allowed(host, mapping.allow)):
+        peer = self.client_address
+        if (proxy.allow or mapping.allow) and not (
+                _allowed(peer[0], proxy.allow) and _allowed(peer[0], mapping.allow)):
             proxy.registry.count_refused(mapping.listen_port)
             _ratelimited.log(logging.WARNING, ("acl", mapping.listen_port),
                              "%d: refused client %s: not in the allow list",
-                             mapping.listen_port, host)
+                             mapping.listen_port, peer[0])
             _reset_close(client)
             return
-        session = proxy.registry.open(mapping.listen_port, mapping.target,
-                                      self.client_address, client,
+        session = proxy.registry.open(mapping.listen_port, mapping.target, peer, client,
                                       mapping.max_connections, proxy.max_connections)
         if session is None:
             _ratelimited.log(logging.WARNING, ("limit", mapping.listen_port),
                              "%d: refused client %s: connection limit reached",
-                             mapping.listen_port, _format_hostport(*self.client_address[:2]))
+                             mapping.listen_port, _format_hostport(*peer[:2]))
             _reset_close(client)
             return
         try:
@@ -784,30 +802,29 @@ class ProxyHandler(socketserver.BaseRequestHandler):
             if upstream is None:
                 proxy.registry.count_failed(mapping.listen_port)
                 return
-            _tune(client)
             session.state = "open"
-            log.info("%d: %s connected to %s via %s", mapping.listen_port,
-                     _format_hostport(*self.client_address[:2]),
-                     _format_hostport(*session.upstream_address[:2]), mapping.host)
-            self._run_pumps(session, client, upstream, proxy)
-            log.info("%d: %s closed (%s), %d bytes up, %d bytes down",
-                     mapping.listen_port, _format_hostport(*self.client_address[:2]),
-                     session.closed_reason or "done", session.bytes_up, session.bytes_down)
+            if log.isEnabledFor(logging.INFO):
+                log.info("%d: %s connected to %s via %s", mapping.listen_port,
+                         _format_hostport(*peer[:2]),
+                         _format_hostport(*session.upstream_address[:2]), mapping.host)
+            session.server = server
+            self._start_pumps(session, client, upstream, proxy)
         finally:
-            proxy.registry.close(session)
-            session.close()
+            if not self.handed_off:
+                session.server = None       # the server counts us itself
+                proxy.finish_session(session)
 
-    def _run_pumps(self, session, client, upstream, proxy):
-        name = threading.current_thread().name
+    def _start_pumps(self, session, client, upstream, proxy):
         pump = proxy.pump
-        done = threading.Event()
+        name = threading.current_thread().name
 
         def down():
             threading.current_thread().name = name + "-down"
             try:
                 pump(session, upstream, client, False, proxy)
             finally:
-                done.set()
+                if session.pump_ended():
+                    proxy.finish_session(session)
 
         try:
             proxy.workers.submit(down)
@@ -816,8 +833,12 @@ class ProxyHandler(socketserver.BaseRequestHandler):
                              "closing %s", exc, _format_hostport(*session.client[:2]))
             session.abort("no thread")
             return
-        pump(session, client, upstream, True, proxy)
-        done.wait()
+        self.handed_off = True
+        try:
+            pump(session, client, upstream, True, proxy)
+        finally:
+            if session.pump_ended():
+                proxy.finish_session(session)
 
 
 def _reset_close(sock):
@@ -919,8 +940,7 @@ def _count(session, up, n, idle_timeout):
         session.bytes_up += n
     else:
         session.bytes_down += n
-    if idle_timeout:
-        session.last_active = time.monotonic()
+    session.last_active = time.monotonic()
 
 
 def copy_pump(session, src, dst, up, proxy):
@@ -1039,11 +1059,12 @@ class _WorkerPool:
             if self._idle:
                 worker = self._idle.pop()
                 worker.task = (func, args)
-                worker.wake.set()
+                worker.wake.release()
                 return
             worker = threading.Thread(target=self._run, name="%s-%d" % (self.name, next(self._ids)))
             worker.task = (func, args)
-            worker.wake = threading.Event()
+            worker.wake = threading.Lock()   # held while parked; release() wakes
+            worker.wake.acquire()
             self._all.add(worker)
         try:
             worker.start()
@@ -1071,14 +1092,14 @@ class _WorkerPool:
             if self._closed or len(self._idle) >= self.keep:
                 self._all.discard(me)
                 return None
-            me.wake.clear()
             self._idle.append(me)
-        if not me.wake.wait(self.idle_timeout):
+        if not me.wake.acquire(timeout=self.idle_timeout):
             with self.lock:
                 if me in self._idle:      # nobody claimed us: retire
                     self._idle.remove(me)
                     self._all.discard(me)
                     return None
+            me.wake.acquire()             # claimed as we timed out: take the wake-up
         return me.task                    # None when close() woke us
 
     def threads(self):
@@ -1091,7 +1112,7 @@ class _WorkerPool:
             self._closed = True
             idle, self._idle = self._idle, []
         for worker in idle:
-            worker.wake.set()
+            worker.wake.release()
         for worker in self.threads():
             if worker is not threading.current_thread():
                 worker.join(max(0.0, deadline - time.monotonic()))
@@ -1177,7 +1198,7 @@ class ProxyServer(socketserver.ThreadingTCPServer):
         try:
             self.proxy.workers.submit(self._process, request, client_address)
         except RuntimeError as exc:     # can't start new thread
-            self._done()
+            self.session_done()
             _ratelimited.log(logging.ERROR, "thread", "%d: cannot start a thread (%s): "
                              "closing client %s", self.port, exc,
                              _format_hostport(*client_address[:2]))
@@ -1186,12 +1207,19 @@ class ProxyServer(socketserver.ThreadingTCPServer):
 
     def _process(self, request, client_address):
         threading.current_thread().name = "tcpproxy-%d-%s" % (self.port, client_address[1])
+        handed_off = False
         try:
-            self.process_request_thread(request, client_address)
+            handed_off = ProxyHandler(request, client_address, self).handed_off
+        except Exception:  # noqa: BLE001 - logged, the server serves on
+            self.handle_error(request, client_address)
         finally:
-            self._done()
+            if not handed_off:
+                self.close_request(request)
+                self.session_done()
 
-    def _done(self):
+    def session_done(self):
+        """One accepted client is finished (its pumps ended or it never
+        got that far)."""
         with self._idle:
             self._active -= 1
             if not self._active:
@@ -1212,6 +1240,7 @@ class ProxyServer(socketserver.ThreadingTCPServer):
     def server_bind(self):
         if self.address_family == socket.AF_INET6:
             self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        _tune(self.socket)                # accepted sockets inherit both options
         super().server_bind()
 
     @property
@@ -1352,6 +1381,8 @@ class Proxy:
         self.workers = _WorkerPool()
         self.resolver = resolver if resolver is not None else Resolver()
         self.connect_timeout = connect_timeout
+        self._connect_timeval = struct.pack(
+            "ll", int(connect_timeout), int((connect_timeout % 1) * 1e6))
         self.close_on_dns_change = close_on_dns_change
         self.name = name
         self.idle_timeout = idle_timeout or None
@@ -1534,7 +1565,7 @@ class Proxy:
                             drain, self.registry.active())
                 for server in self._servers.values():
                     server.stop_accepting()
-                if not self.registry.wait_idle(drain):
+                if not self._drain(drain):
                     log.warning("drain timeout: closing %d connection(s)",
                                 self.registry.active())
             self._state = "stopping"
@@ -1562,8 +1593,21 @@ class Proxy:
             self._state = "stopped"
             log.info("tcpproxy stopped")
 
-    def drain_and_stop(self, drain, timeout=5.0):
-        self.stop(timeout=timeout, drain=drain)
+    def _drain(self, drain):
+        """Let sessions finish for up to *drain* seconds; a session with no
+        traffic for DRAIN_QUIET seconds is between requests and is closed
+        then (a pooled database connection never ends by itself)."""
+        deadline = time.monotonic() + drain
+        while True:
+            now = time.monotonic()
+            for session in self.registry.sessions():
+                if now - session.last_active >= DRAIN_QUIET:
+                    session.abort("quiet while draining")
+            remaining = deadline - now
+            if remaining <= 0:
+                return not self.registry.active()
+            if self.registry.wait_idle(min(remaining, DRAIN_QUIET / 4)):
+                return True
 
     # connections
     def connect_upstream(self, mapping, session):
@@ -1590,12 +1634,18 @@ class Proxy:
                 errors.append("%s: %s" % (address, exc.strerror or exc))
                 break
             try:
-                sock.settimeout(self.connect_timeout)
+                # SO_SNDTIMEO bounds a blocking connect() (EINPROGRESS when it
+                # expires): two syscalls instead of settimeout()'s four fcntl.
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, self._connect_timeval)
                 sock.connect((address, mapping.port))
-                sock.settimeout(None)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _TIMEVAL_ZERO)
             except OSError as exc:
                 sock.close()
-                reason = "timed out" if isinstance(exc, socket.timeout) else (exc.strerror or str(exc))
+                if isinstance(exc, socket.timeout) or exc.errno in (errno.EINPROGRESS,
+                                                                    errno.EAGAIN):
+                    reason = "timed out after %gs" % self.connect_timeout
+                else:
+                    reason = exc.strerror or str(exc)
                 errors.append("%s: %s" % (_format_hostport(address, mapping.port), reason))
                 log.info("%d: connect to %s failed: %s", mapping.listen_port,
                          _format_hostport(address, mapping.port), reason)
@@ -1606,7 +1656,7 @@ class Proxy:
                     sock.close()
                     return None
                 session.upstream_sock = sock
-            session.upstream_address = sock.getpeername()
+            session.upstream_address = (address, mapping.port)
             return sock
         _ratelimited.log(logging.WARNING, ("connect", mapping.listen_port),
                          "%d: closing client %s: no upstream for %s accepted (%s)",
@@ -1614,6 +1664,18 @@ class Proxy:
                          mapping, "; ".join(errors) or "no address")
         session.abort("upstream unreachable", reset=True)
         return None
+
+    def finish_session(self, session, server=None):
+        """Close *session* for good: log, unregister, close both sockets."""
+        if log.isEnabledFor(logging.INFO) and session.state == "open":
+            log.info("%d: %s closed (%s), %d bytes up, %d bytes down",
+                     session.listen_port, _format_hostport(*session.client[:2]),
+                     session.closed_reason or "done", session.bytes_up, session.bytes_down)
+        self.registry.close(session)
+        session.close()
+        server = server or session.server
+        if server is not None:
+            server.session_done()
 
     def accept_exhausted(self, server, exc):
         """accept() failed for lack of descriptors: shed one client and back off."""
