@@ -37,6 +37,7 @@ import fcntl
 import functools
 import http.server
 import importlib
+import io
 import ipaddress
 import itertools
 import json
@@ -1270,12 +1271,40 @@ class ProxyServer(socketserver.ThreadingTCPServer):
 
 # Status HTTP #################################################################
 
+class _DeadlineSocketIO(socket.SocketIO):
+    """A raw reader over the status client's socket that gives the whole
+    request until *deadline* (monotonic), however slowly bytes trickle in."""
+
+    def __init__(self, sock, deadline):
+        super().__init__(sock, "rb")
+        self._deadline = deadline
+
+    def readinto(self, b):
+        remaining = self._deadline - time.monotonic()
+        if remaining <= 0:
+            raise socket.timeout("request took too long")
+        self._sock.settimeout(remaining)
+        return super().readinto(b)
+
+
 class StatusHandler(http.server.BaseHTTPRequestHandler):
-    """Serve GET/HEAD /status and /connections; other methods get 405."""
+    """Serve GET/HEAD /status and /connections; other methods get 405.
+
+    A request must arrive whole within ``request_timeout`` seconds and its
+    headers are capped (http.server: 64 KiB a line, 100 lines), so a slow
+    or garbage client cannot hold a thread for long.
+    """
 
     server_version = "tcpproxy/" + __version__
-    timeout = 5                        # a silent client cannot hold a thread
+    timeout = 5                        # per socket operation
+    request_timeout = 5                # for the whole request
     protocol_version = "HTTP/1.0"
+
+    def setup(self):
+        super().setup()
+        self.rfile.close()
+        self.rfile = io.BufferedReader(_DeadlineSocketIO(
+            self.connection, time.monotonic() + self.request_timeout))
 
     def do_GET(self):
         self._serve(body=True)
@@ -1335,6 +1364,7 @@ class StatusServer(_TrackedThreadsMixIn, http.server.ThreadingHTTPServer):
     allow_reuse_address = True
     request_queue_size = 128
     thread_prefix = "tcpproxy-status"
+    max_threads = 32                   # more concurrent requests are refused
 
     def __init__(self, address, proxy, allow=()):
         self.proxy = proxy
@@ -1345,6 +1375,10 @@ class StatusServer(_TrackedThreadsMixIn, http.server.ThreadingHTTPServer):
         super().__init__(address, StatusHandler)
 
     def verify_request(self, request, client_address):
+        if len(self.threads()) >= self.max_threads:
+            _ratelimited.log(logging.WARNING, "status-busy", "status: refused %s: %d "
+                             "requests in progress", client_address[0], self.max_threads)
+            return False
         if _allowed(client_address[0], self.allow):
             return True
         _ratelimited.log(logging.WARNING, "status-acl",
@@ -1475,13 +1509,14 @@ class Proxy:
 
     @property
     def mappings(self):
-        with self._lock:
-            return [s.mapping for _, s in sorted(self._servers.items())]
+        """The live mappings, in port order."""
+        return [s.mapping for _, s in sorted(self.servers.items())]
 
     @property
     def servers(self):
-        with self._lock:
-            return dict(self._servers)
+        """{listen_port: ProxyServer}; a copy, taken without the apply/stop
+        lock so that /status answers while a drain holds it."""
+        return dict(self._servers)
 
     def _start_server(self, mapping):
         try:
