@@ -72,8 +72,8 @@ DEFAULT_CONNECT_TIMEOUT = 10.0
 DEFAULT_DNS_TIMEOUT = 2.0
 DEFAULT_POLL_INTERVAL = 60.0
 LISTEN_BACKLOG = 4096              # capped by net.core.somaxconn
-SMALL_BUFFER = 16 * 1024           # what an idle connection holds
-LARGE_BUFFER = 256 * 1024          # used once a read fills the small one
+LARGE_BUFFER = 256 * 1024          # pooled copy buffers and splice pipes
+BULK_READ = 64 * 1024              # a read this big switches a pump to splice
 FALLBACK_TTL = 5.0                 # re-resolve period without dnspython
 HOSTS_TTL = 5.0                    # how long an /etc/hosts answer is used
 DNS_BACKOFF_MIN = 0.5
@@ -929,94 +929,90 @@ def _wait_readable(poller, session, idle_timeout, wait_ms):
 
 
 def _end_of_stream(session, dst):
-    if session.closed_reason is None:
+    # Half-close: pass EOF on.  When the other pump has ended already, the
+    # close() that follows sends the FIN by itself.
+    if session.closed_reason is None and session.pumps > 1:
         try:
-            dst.shutdown(socket.SHUT_WR)       # half-close
+            dst.shutdown(socket.SHUT_WR)
         except OSError:
             pass
 
 
-def _count(session, up, n, idle_timeout):
-    if up:
-        session.bytes_up += n
-    else:
-        session.bytes_down += n
-    session.last_active = time.monotonic()
+def pump(session, src, dst, up, proxy):
+    """Move bytes from *src* to *dst* until EOF or error.
 
-
-def copy_pump(session, src, dst, up, proxy):
-    """Copy *src* to *dst* through a pooled buffer until EOF or error."""
+    Small reads (requests, replies) are copied through a pooled buffer:
+    recv_into() + sendall(), the fewest syscalls.  A read of BULK_READ bytes
+    or more switches to os.splice() through a pooled pipe, so that bulk
+    transfers never enter Python; the pump goes back to copying when a
+    splice returns less.  Without splice (Python 3.9, not Linux,
+    TCPPROXY_SPLICE=0) it always copies.
+    """
     idle_timeout = proxy.idle_timeout
     wait_ms = int(min(idle_timeout, 5.0) * 1000) if idle_timeout else None
     poller = select.poll()
     poller.register(src, select.POLLIN | select.POLLPRI)
-    buffers = proxy.buffers
+    buffers, pipes = proxy.buffers, proxy.pipes
     recv_into, sendall = src.recv_into, dst.sendall
+    sfd, dfd = src.fileno(), dst.fileno()
+    splice = getattr(os, "splice", None)
+    bulk = False
     while _wait_readable(poller, session, idle_timeout, wait_ms):
-        buf = buffers.get()
-        try:
+        if bulk:
+            try:
+                pipe = pipes.get()
+            except OSError as exc:           # out of descriptors: copy instead
+                _ratelimited.log(logging.WARNING, "pipe", "cannot create a pipe (%s); "
+                                 "copying through memory", exc.strerror)
+                bulk = False
+                continue
+            try:
+                n = splice(sfd, pipe[1], pipes.size, flags=SPLICE_F_MOVE | SPLICE_F_NONBLOCK)
+            except (BlockingIOError, InterruptedError):
+                pipes.put(pipe)
+                continue
+            except OSError as exc:
+                pipes.put(pipe)
+                _failed(session, exc, "client" if up else "upstream")
+                return
+            left = n
+            try:
+                while left:
+                    left -= splice(pipe[0], dfd, left, flags=SPLICE_F_MOVE)
+            except OSError as exc:
+                pipes.discard(pipe)           # bytes may be left in it
+                _failed(session, exc, "upstream" if up else "client")
+                return
+            pipes.put(pipe)
+            bulk = n >= BULK_READ
+        else:
+            buf = buffers.get()
             try:
                 n = recv_into(buf)
             except (BlockingIOError, InterruptedError):
+                buffers.put(buf)
                 continue
             except OSError as exc:
+                buffers.put(buf)
                 _failed(session, exc, "client" if up else "upstream")
                 return
-            if not n:
-                _end_of_stream(session, dst)
-                return
-            try:
-                sendall(memoryview(buf)[:n])
-            except OSError as exc:
-                _failed(session, exc, "upstream" if up else "client")
-                return
-        finally:
+            if n:
+                try:
+                    sendall(memoryview(buf)[:n])
+                except OSError as exc:
+                    buffers.put(buf)
+                    _failed(session, exc, "upstream" if up else "client")
+                    return
             buffers.put(buf)
-        _count(session, up, n, idle_timeout)
-
-
-def splice_pump(session, src, dst, up, proxy):
-    """Move *src* to *dst* with os.splice() through a pooled pipe: the bytes
-    never enter Python.  Falls back to copy_pump when no pipe can be had."""
-    idle_timeout = proxy.idle_timeout
-    wait_ms = int(min(idle_timeout, 5.0) * 1000) if idle_timeout else None
-    poller = select.poll()
-    poller.register(src, select.POLLIN | select.POLLPRI)
-    pipes = proxy.pipes
-    sfd, dfd = src.fileno(), dst.fileno()
-    chunk = pipes.size
-    splice = os.splice
-    flags_in = SPLICE_F_MOVE | SPLICE_F_NONBLOCK
-    while _wait_readable(poller, session, idle_timeout, wait_ms):
-        try:
-            pipe = pipes.get()
-        except OSError as exc:           # out of descriptors: copy this time
-            _ratelimited.log(logging.WARNING, "pipe", "cannot create a pipe (%s); "
-                             "copying through memory", exc.strerror)
-            return copy_pump(session, src, dst, up, proxy)
-        try:
-            n = splice(sfd, pipe[1], chunk, flags=flags_in)
-        except (BlockingIOError, InterruptedError):
-            pipes.put(pipe)
-            continue
-        except OSError as exc:
-            pipes.put(pipe)
-            _failed(session, exc, "client" if up else "upstream")
-            return
+            bulk = pipes is not None and n >= BULK_READ
         if not n:
-            pipes.put(pipe)
             _end_of_stream(session, dst)
             return
-        left = n
-        try:
-            while left:
-                left -= splice(pipe[0], dfd, left, flags=SPLICE_F_MOVE)
-        except OSError as exc:
-            pipes.discard(pipe)           # bytes may be left in it
-            _failed(session, exc, "upstream" if up else "client")
-            return
-        pipes.put(pipe)
-        _count(session, up, n, idle_timeout)
+        if up:
+            session.bytes_up += n
+        else:
+            session.bytes_down += n
+        session.last_active = time.monotonic()
 
 
 HAVE_SPLICE = hasattr(os, "splice") and sys.platform.startswith("linux")
@@ -1409,7 +1405,7 @@ class Proxy:
         if splice and not HAVE_SPLICE:
             raise ConfigError("splice needs Linux and Python 3.10 or newer")
         self.splice = bool(splice)
-        self.pump = splice_pump if splice else copy_pump
+        self.pump = pump
         self.buffers = _BufferPool()
         self.pipes = _PipePool() if splice else None
         self.workers = _WorkerPool()
