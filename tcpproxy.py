@@ -859,9 +859,11 @@ def _reset_close(sock):
 # idle connection is the two sockets and the two parked threads.
 
 class _BufferPool:
-    """Reusable bytearrays for the copy pump (list append/pop are atomic)."""
+    """Reusable bytearrays for the pumps (list append/pop are atomic).  Only
+    *keep* are kept between bursts: they count in every idle connection's
+    share of memory."""
 
-    def __init__(self, size=LARGE_BUFFER, keep=64):
+    def __init__(self, size=LARGE_BUFFER, keep=16):
         self.size = size
         self.keep = keep
         self._free = []
@@ -1406,7 +1408,8 @@ class Proxy:
             raise ConfigError("splice needs Linux and Python 3.10 or newer")
         self.splice = bool(splice)
         self.pump = pump
-        self.buffers = _BufferPool()
+        # With splice, bulk reads bypass the buffers, so small ones will do.
+        self.buffers = _BufferPool(BULK_READ if splice else LARGE_BUFFER)
         self.pipes = _PipePool() if splice else None
         self.workers = _WorkerPool()
         self.resolver = resolver if resolver is not None else Resolver()
