@@ -1040,7 +1040,7 @@ class _WorkerPool:
     itself under churn; parked workers cost a little memory instead.
     """
 
-    def __init__(self, name="tcpproxy-worker", idle_timeout=30.0, keep=512):
+    def __init__(self, name="tcpproxy-worker", idle_timeout=5.0, keep=512):
         self.name = name
         self.idle_timeout = idle_timeout
         self.keep = keep
