@@ -199,6 +199,10 @@ def _networks(values, what="--allow"):
     return tuple(nets)
 
 
+def _iso(timestamp):
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(timestamp))
+
+
 def _allowed(address, networks):
     if not networks:
         return True
@@ -656,7 +660,7 @@ class Session:
                 "upstream": (_format_hostport(*self.upstream_address[:2])
                              if self.upstream_address else None),
                 "state": self.state,
-                "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.started)),
+                "started": _iso(self.started),
                 "seconds": round(time.time() - self.started, 3),
                 "bytes_up": self.bytes_up, "bytes_down": self.bytes_down}
 
@@ -1597,13 +1601,13 @@ class Proxy:
                 self._state = "draining"
                 log.warning("draining: waiting up to %gs for %d connection(s)",
                             drain, self.registry.active())
-                for server in self._servers.values():
-                    server.stop_accepting()
+                self._stop_accepting_all()
                 if not self._drain(drain):
                     log.warning("drain timeout: closing %d connection(s)",
                                 self.registry.active())
             self._state = "stopping"
             deadline = time.monotonic() + timeout
+            self._stop_accepting_all()
             for port in sorted(self._servers):
                 self._stop_server(port, deadline, "proxy stopping")
             if self._watcher is not None:
@@ -1626,6 +1630,18 @@ class Proxy:
                 self._spare_fd = None
             self._state = "stopped"
             log.info("tcpproxy stopped")
+
+    def _stop_accepting_all(self):
+        """stop_accepting() every listener at once: each waits up to one
+        serve_forever() poll interval, so in turn 30 listeners would take
+        seconds."""
+        stoppers = [threading.Thread(target=server.stop_accepting,
+                                     name="tcpproxy-stop-%d" % port)
+                    for port, server in self._servers.items()]
+        for thread in stoppers:
+            thread.start()
+        for thread in stoppers:
+            thread.join()
 
     def _drain(self, drain):
         """Let sessions finish for up to *drain* seconds; a session with no
@@ -1762,10 +1778,11 @@ class Proxy:
             self._stop_event.wait(max(wait, 0.5))
 
     # reporting
-    def set_backend_state(self, **info):
-        """Record the backend's state for /status (ok, error, last_poll...)."""
+    def set_backend_state(self, info):
+        """Record the backend's state for /status ("ok" False answers 503
+        with "error" as the reason); replaces what was there."""
         with self.registry.lock:
-            self._backend = dict(self._backend or {}, **info)
+            self._backend = dict(info)
 
     def connections(self):
         """What GET /connections returns."""
@@ -1869,6 +1886,8 @@ class BackendPoller:
         self.polls = 0
         self.last_ok = None
         self.last_error = None
+        self._next_poll = None
+        self._info = {}
         self.applied = threading.Condition()
 
     def start(self):
@@ -1878,6 +1897,11 @@ class BackendPoller:
         return self
 
     def poke(self):
+        """Poll now (SIGHUP): the backend's reload(), if it has one, makes
+        it re-read even what looks unchanged."""
+        reload = getattr(self.backend, "reload", None)
+        if reload is not None:
+            reload()
         self._poke.set()
 
     def stop(self, timeout=5.0):
@@ -1913,23 +1937,27 @@ class BackendPoller:
         self.polls += 1
         if not ok:
             self.last_error = error
-            log.warning("backend %s: %s; keeping the current mappings",
-                        self.backend.name, error)
-        info = {"name": self.backend.name, "ok": ok or self.last_ok is not None,
-                "polls": self.polls, "error": error if not ok else partial,
-                "last_poll_ok": self.last_ok and time.strftime(
-                    "%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.last_ok)),
-                "last_error": self.last_error}
-        if self.last_ok is None:
-            info["ok"] = False
-        try:
-            info.update(self.backend.describe() or {})
-        except Exception:  # noqa: BLE001
-            pass
-        self.proxy.set_backend_state(**info)
+            _ratelimited.log(logging.WARNING, ("backend", error), "backend %s: %s; keeping "
+                             "the current mappings", self.backend.name, error)
+        self._publish(error=error if not ok else partial)
         with self.applied:
             self.applied.notify_all()
         return ok
+
+    def _publish(self, **extra):
+        info = {"name": self.backend.name, "ok": self.last_ok is not None,
+                "polls": self.polls, "interval": self.interval,
+                "last_poll_ok": self.last_ok and _iso(self.last_ok),
+                "last_error": self.last_error, "next_poll": self._next_poll}
+        info.update(extra)
+        if not info["ok"] and not info.get("error"):
+            info["error"] = "no successful poll yet"
+        try:
+            info.update(self.backend.describe() or {})
+        except Exception:  # noqa: BLE001 - reporting must not break polling
+            log.debug("backend %s: describe() failed", self.backend.name, exc_info=True)
+        self._info = info
+        self.proxy.set_backend_state(info)
 
     def _run(self):
         backoff = 0.0
@@ -1941,8 +1969,8 @@ class BackendPoller:
             else:
                 backoff = min(max(backoff * 2, 1.0), self.interval)
                 wait = backoff
-            self.proxy.set_backend_state(next_poll=time.strftime(
-                "%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + wait)))
+            self._next_poll = _iso(time.time() + wait)
+            self.proxy.set_backend_state(dict(self._info, next_poll=self._next_poll))
             self._poke.wait(wait)
             self._poke.clear()
 
@@ -2161,6 +2189,7 @@ def main(argv=None):
     """Run the command line; return the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "dynamodb":
+        logging.basicConfig(level=logging.INFO, format="%(message)s")
         try:
             from tcpproxy_backends import dynamodb
         except ImportError as exc:
@@ -2232,4 +2261,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    # Run as a script, this module is __main__; backends import "tcpproxy".
+    # Make both names one module so that they raise the classes main() catches.
+    sys.modules.setdefault("tcpproxy", sys.modules[__name__])
     sys.exit(main())

@@ -1,0 +1,436 @@
+"""DynamoDB backend: one item per mapping, in the original tool's table.
+
+Table (default ``classic-proxy``):
+
+    proxy_name           S  hash key    the --proxy name
+    proxy_configuration  S  range key   "LPORT:HOST:RPORT"
+    allow                   optional    list (L or SS) or comma string (S) of CIDRs
+    max_connections      N  optional    per-mapping connection limit (0: none)
+
+Every poll Queries the items of ``proxy_name = --proxy`` (never a Scan) and
+follows LastEvaluatedKey to the end, so any number of items apply.  Region and
+credentials come from the standard AWS chain (``--region`` overrides it); the
+endpoint from the standard variables ``AWS_ENDPOINT_URL_DYNAMODB`` or
+``AWS_ENDPOINT_URL``, which botocore reads itself, so a local endpoint such as
+``moto_server`` can stand in for AWS.
+
+``cli(argv)`` is the operator helper behind ``tcpproxy dynamodb
+create-table|put|delete|list``.
+"""
+
+import argparse
+import logging
+import os
+import sys
+
+import tcpproxy
+from tcpproxy import BackendError, ConfigError, Mapping
+
+from . import _first_per_port, _parse_allow, _parse_max_connections
+
+__all__ = ["Backend", "cli", "DEFAULT_TABLE"]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TABLE = "classic-proxy"
+HASH_KEY = "proxy_name"
+RANGE_KEY = "proxy_configuration"
+
+# Timeouts and retries of one API call.  The poller retries a failed poll
+# itself, so botocore's own retries are kept short; AWS_MAX_ATTEMPTS and
+# AWS_RETRY_MODE (or the config file) still override them.
+CONNECT_TIMEOUT = 5.0
+READ_TIMEOUT = 15.0
+MAX_ATTEMPTS = 3
+
+
+def _boto3(backend="dynamodb"):
+    try:
+        import boto3
+        import botocore.config
+        import botocore.exceptions
+        import botocore.session
+    except ImportError:
+        raise BackendError("%s needs boto3: pip install 'tcpproxy[aws]'" % backend) from None
+    return boto3, botocore
+
+
+def _configured(core, variable, key):
+    """True when the user set *key* in the environment or the AWS config file."""
+    if os.environ.get(variable):
+        return True
+    try:
+        return key in core.get_scoped_config()
+    except Exception:  # noqa: BLE001 - a bad profile is reported by the client itself
+        return False
+
+
+def make_client(service, region=None):
+    """Return a boto3 client for ``service`` with short timeouts and retries.
+
+    The region is ``region`` or the standard chain (AWS_REGION,
+    AWS_DEFAULT_REGION, the config file); the endpoint and credentials are the
+    standard chain's.  Raises ConfigError when no region is configured.
+    """
+    boto3, botocore = _boto3(service)
+    core = botocore.session.get_session()
+    session = boto3.session.Session(botocore_session=core, region_name=region or None)
+    if not session.region_name:
+        raise ConfigError("%s: no AWS region configured: pass --region or set AWS_REGION"
+                          % service)
+    retries = {}
+    if not _configured(core, "AWS_RETRY_MODE", "retry_mode"):
+        retries["mode"] = "standard"
+    if not _configured(core, "AWS_MAX_ATTEMPTS", "max_attempts"):
+        retries["total_max_attempts"] = MAX_ATTEMPTS
+    config = botocore.config.Config(connect_timeout=CONNECT_TIMEOUT,
+                                    read_timeout=READ_TIMEOUT,
+                                    retries=retries or None)
+    return session.client(service, config=config)
+
+
+def _aws_reason(exc):
+    """One line saying why an AWS call failed."""
+    response = getattr(exc, "response", None)
+    if isinstance(response, dict) and "Error" in response:
+        error = response["Error"]
+        code = error.get("Code", "Error")
+        message = error.get("Message") or ""
+        return ("%s: %s" % (code, message)).rstrip(": ")
+    return "%s: %s" % (type(exc).__name__, exc)
+
+
+def _plain(value):
+    """Turn a DynamoDB AttributeValue ({"S": ...}, {"L": [...]}, ...) into Python."""
+    if not isinstance(value, dict) or len(value) != 1:
+        raise ValueError("unexpected attribute value %r" % (value,))
+    (kind, data), = value.items()
+    if kind in ("S", "SS", "N", "NS"):
+        return data
+    if kind == "L":
+        return [_plain(item) for item in data]
+    if kind == "NULL":
+        return None
+    raise ValueError("unsupported attribute type %s" % kind)
+
+
+def _item_mapping(item):
+    """Return the Mapping of one Query item; ValueError/ConfigError if it is bad."""
+    spec = item.get(RANGE_KEY)
+    if not isinstance(spec, dict) or not isinstance(spec.get("S"), str):
+        raise ValueError("%s is missing or not a string" % RANGE_KEY)
+    options = {}
+    if "allow" in item:
+        allow = item["allow"]
+        kind = next(iter(allow)) if isinstance(allow, dict) and len(allow) == 1 else None
+        if kind not in ("S", "SS", "L", "NULL"):
+            raise ValueError("allow must be a list or a comma separated string of CIDRs")
+        allow = _parse_allow(_plain(allow))
+        if allow:
+            options["allow"] = allow
+    if "max_connections" in item:
+        maximum = item["max_connections"]
+        kind = next(iter(maximum)) if isinstance(maximum, dict) and len(maximum) == 1 else None
+        if kind not in ("N", "S", "NULL"):
+            raise ValueError("max_connections must be a number")
+        maximum = _parse_max_connections(_plain(maximum))
+        if maximum:
+            options["max_connections"] = maximum
+    return Mapping.parse(spec["S"], **options)
+
+
+def _label(item):
+    value = item.get(RANGE_KEY)
+    if isinstance(value, dict) and len(value) == 1:
+        value = next(iter(value.values()))
+    return "item %s=%r" % (RANGE_KEY, value)
+
+
+class Backend:
+    """Mappings from the DynamoDB items whose hash key is the --proxy name.
+
+    Methods for the caller: fetch(), describe().  Options read: proxy
+    (required), dynamodb (table, default classic-proxy), region.
+    """
+
+    name = "dynamodb"
+    interval = None
+    page_limit = None       # Query Limit per page; None lets DynamoDB fill 1 MB pages
+
+    def __init__(self, options, client=None):
+        self.proxy = getattr(options, "proxy", None)
+        self.table = getattr(options, "dynamodb", None) or DEFAULT_TABLE
+        self.region = getattr(options, "region", None)
+        if not self.proxy:
+            raise ConfigError("no proxy name: --backend dynamodb needs --proxy NAME")
+        self._boto3, self._botocore = _boto3()
+        self.client = client if client is not None else make_client("dynamodb", self.region)
+        self.items = None
+        self.pages = None
+
+    def _query_pages(self):
+        request = {
+            "TableName": self.table,
+            "KeyConditionExpression": "#p = :p",
+            "ExpressionAttributeNames": {"#p": HASH_KEY, "#c": RANGE_KEY,
+                                         "#a": "allow", "#m": "max_connections"},
+            "ExpressionAttributeValues": {":p": {"S": self.proxy}},
+            "ProjectionExpression": "#c, #a, #m",
+            "ConsistentRead": True,
+        }
+        if self.page_limit:
+            request["Limit"] = self.page_limit
+        while True:
+            response = self.client.query(**request)
+            yield response
+            last = response.get("LastEvaluatedKey")
+            if not last:
+                return
+            request["ExclusiveStartKey"] = last
+
+    def fetch(self):
+        """Query every page for --proxy; return the mappings of the good items."""
+        items = []
+        pages = 0
+        try:
+            for response in self._query_pages():
+                pages += 1
+                page = response.get("Items")
+                if not isinstance(page, list):
+                    raise BackendError("DynamoDB query of table %s: malformed answer "
+                                       "(no Items list)" % self.table)
+                items.extend(page)
+        except BackendError:
+            raise
+        except (self._botocore.exceptions.BotoCoreError,
+                self._botocore.exceptions.ClientError) as exc:
+            raise BackendError("DynamoDB query of table %s for proxy %r failed: %s"
+                               % (self.table, self.proxy, _aws_reason(exc))) from exc
+        entries = []
+        for item in items:
+            label = _label(item)
+            try:
+                mapping = _item_mapping(item)
+            except (ValueError, TypeError, AttributeError, tcpproxy.ProxyError) as exc:
+                log.error("skipping DynamoDB %s of proxy %r in table %s: %s",
+                          label, self.proxy, self.table, exc)
+                continue
+            entries.append((label, mapping))
+        mappings = _first_per_port(entries, log)
+        self.items, self.pages = len(items), pages
+        log.debug("DynamoDB table %s proxy %r: %d items in %d pages, %d mappings",
+                  self.table, self.proxy, len(items), pages, len(mappings))
+        return mappings
+
+    def describe(self):
+        info = {"table": self.table, "proxy": self.proxy,
+                "region": self.client.meta.region_name,
+                "endpoint": self.client.meta.endpoint_url}
+        if self.items is not None:
+            info["items"] = self.items
+        return info
+
+
+# Operator helper ###########################################################
+
+def _parser():
+    parser = argparse.ArgumentParser(
+        prog="tcpproxy dynamodb",
+        description="Create the table and add, remove or list a proxy's mappings "
+                    "(items of the DynamoDB backend).")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    def common(p, proxy=True):
+        if proxy:
+            p.add_argument("--proxy", required=True, help="proxy name (hash key)")
+        p.add_argument("--table", "--dynamodb", dest="table", default=DEFAULT_TABLE,
+                       help="table name (default %(default)s)")
+        p.add_argument("--region", help="AWS region (default: the standard AWS chain)")
+
+    p = sub.add_parser("create-table", help="create the table (on-demand capacity) "
+                       "and wait until it is ACTIVE")
+    common(p, proxy=False)
+    p = sub.add_parser("put", help="add mappings LPORT:HOST:RPORT")
+    common(p)
+    p.add_argument("--allow", action="append", metavar="CIDR",
+                   help="per-mapping client allow list (repeatable)")
+    p.add_argument("--max-connections", type=int, metavar="N",
+                   help="per-mapping connection limit")
+    p.add_argument("--replace", action="store_true",
+                   help="in the same transaction delete the proxy's other items "
+                        "on the same listen port (a blue-green switch)")
+    p.add_argument("specs", nargs="+", metavar="SPEC")
+    p = sub.add_parser("delete", help="remove mappings, given as LPORT:HOST:RPORT "
+                       "or a bare LPORT for every item on that port")
+    common(p)
+    p.add_argument("specs", nargs="+", metavar="SPEC")
+    p = sub.add_parser("list", help="print the proxy's items, one a line")
+    common(p)
+    return parser
+
+
+def _write(line):
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
+def _all_items(client, table, proxy):
+    request = {"TableName": table, "KeyConditionExpression": "#p = :p",
+               "ExpressionAttributeNames": {"#p": HASH_KEY},
+               "ExpressionAttributeValues": {":p": {"S": proxy}},
+               "ConsistentRead": True}
+    items = []
+    while True:
+        response = client.query(**request)
+        items.extend(response.get("Items", []))
+        if not response.get("LastEvaluatedKey"):
+            return items
+        request["ExclusiveStartKey"] = response["LastEvaluatedKey"]
+
+
+def _key(proxy, configuration):
+    return {HASH_KEY: {"S": proxy}, RANGE_KEY: {"S": configuration}}
+
+
+def _create_table(client, args):
+    schema = [{"AttributeName": HASH_KEY, "KeyType": "HASH"},
+              {"AttributeName": RANGE_KEY, "KeyType": "RANGE"}]
+    try:
+        client.create_table(
+            TableName=args.table, KeySchema=schema, BillingMode="PAY_PER_REQUEST",
+            AttributeDefinitions=[{"AttributeName": HASH_KEY, "AttributeType": "S"},
+                                  {"AttributeName": RANGE_KEY, "AttributeType": "S"}])
+        log.info("creating table %s", args.table)
+    except client.exceptions.ResourceInUseException:
+        found = client.describe_table(TableName=args.table)["Table"]["KeySchema"]
+        if sorted((k["AttributeName"], k["KeyType"]) for k in found) != \
+                sorted((k["AttributeName"], k["KeyType"]) for k in schema):
+            log.error("table %s exists with another key schema: %s", args.table, found)
+            return 1
+        log.info("table %s already exists", args.table)
+    client.get_waiter("table_exists").wait(
+        TableName=args.table, WaiterConfig={"Delay": 2, "MaxAttempts": 150})
+    _write("table %s is ACTIVE" % args.table)
+    return 0
+
+
+def _put(client, args):
+    options = {}
+    try:
+        allow = _parse_allow(args.allow)
+        maximum = _parse_max_connections(args.max_connections)
+        mappings = [Mapping.parse(spec) for spec in args.specs]
+    except (ValueError, tcpproxy.ProxyError) as exc:
+        log.error("%s", exc)
+        return 2
+    ports = [m.listen_port for m in mappings]
+    if len(set(ports)) != len(ports):
+        log.error("two specs listen on the same port: %s", " ".join(args.specs))
+        return 2
+    if allow:
+        options["allow"] = {"L": [{"S": a} for a in allow]}
+    if maximum:
+        options["max_connections"] = {"N": str(maximum)}
+    actions = []
+    for mapping in mappings:
+        item = dict(_key(args.proxy, mapping.spec), **options)
+        actions.append({"Put": {"TableName": args.table, "Item": item}})
+    if args.replace:
+        wanted = {m.spec for m in mappings}
+        for item in _all_items(client, args.table, args.proxy):
+            configuration = item[RANGE_KEY]["S"]
+            try:
+                port = Mapping.parse(configuration).listen_port
+            except tcpproxy.ProxyError:
+                continue
+            if port in ports and configuration not in wanted:
+                actions.append({"Delete": {"TableName": args.table,
+                                           "Key": _key(args.proxy, configuration)}})
+    if len(actions) == 1:
+        client.put_item(**actions[0]["Put"])
+    else:
+        for start in range(0, len(actions), 100):
+            if start:
+                log.warning("more than 100 changes: not one transaction")
+            client.transact_write_items(TransactItems=actions[start:start + 100])
+    for action in actions:
+        if "Put" in action:
+            _write("put %s" % action["Put"]["Item"][RANGE_KEY]["S"])
+        else:
+            _write("deleted %s" % action["Delete"]["Key"][RANGE_KEY]["S"])
+    return 0
+
+
+def _delete(client, args):
+    ports, wanted = set(), []
+    for spec in args.specs:
+        if spec.strip().isdigit():
+            ports.add(int(spec))
+            continue
+        try:
+            wanted.append(Mapping.parse(spec))
+        except tcpproxy.ProxyError:
+            wanted.append(spec.strip())
+    found = []
+    for item in _all_items(client, args.table, args.proxy):
+        configuration = item[RANGE_KEY]["S"]
+        try:
+            mapping = Mapping.parse(configuration)
+        except tcpproxy.ProxyError:
+            mapping = None
+        if configuration in wanted or (mapping is not None and (
+                mapping.listen_port in ports or any(
+                    isinstance(w, Mapping) and (w.listen_port, w.host, w.port)
+                    == (mapping.listen_port, mapping.host, mapping.port)
+                    for w in wanted))):
+            found.append(configuration)
+    for configuration in found:
+        client.delete_item(TableName=args.table, Key=_key(args.proxy, configuration))
+        _write("deleted %s" % configuration)
+    if not found:
+        log.error("no item of proxy %r in table %s matches %s",
+                  args.proxy, args.table, " ".join(args.specs))
+        return 1
+    return 0
+
+
+def _list(client, args):
+    for item in _all_items(client, args.table, args.proxy):
+        line = [item[RANGE_KEY]["S"]]
+        try:
+            if "allow" in item:
+                line.append("allow=" + ",".join(_parse_allow(_plain(item["allow"]))))
+            if "max_connections" in item:
+                line.append("max_connections=%s" % _plain(item["max_connections"]))
+        except ValueError as exc:
+            line.append("(invalid: %s)" % exc)
+        _write(" ".join(line))
+    return 0
+
+
+def cli(argv=None, client=None):
+    """``tcpproxy dynamodb COMMAND ...``: returns an exit code (0 ok, 1 failed, 2 usage).
+
+    client: an already built boto3 DynamoDB client (tests); by default one is
+    made from --region and the standard AWS chain.
+    """
+    parser = _parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else 2
+    commands = {"create-table": _create_table, "put": _put, "delete": _delete,
+                "list": _list}
+    try:
+        _, botocore = _boto3()
+        if client is None:
+            client = make_client("dynamodb", args.region)
+        return commands[args.command](client, args)
+    except tcpproxy.ProxyError as exc:
+        log.error("%s", exc)
+        return 1
+    except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as exc:
+        log.error("tcpproxy dynamodb %s (table %s) failed: %s",
+                  args.command, args.table, _aws_reason(exc))
+        return 1

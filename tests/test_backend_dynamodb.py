@@ -1,0 +1,474 @@
+"""The DynamoDB backend against moto's server on 127.0.0.1, over real HTTP,
+with real boto3 clients that find the endpoint through
+AWS_ENDPOINT_URL_DYNAMODB, as an operator would point it at a local one."""
+
+import ipaddress
+import logging
+import socket
+import sys
+import time
+import uuid
+from types import SimpleNamespace
+
+import boto3
+import pytest
+from moto.server import ThreadedMotoServer
+
+import tcpproxy
+from tcpproxy_backends import dynamodb
+
+from backendkit import (HOST, EchoServer, Hammer, closed_by_peer, echoes, free_port,
+                        free_ports, greeting, refused, talk, wait_until)
+
+POLL = 0.2
+
+
+class MotoEndpoint:
+    """moto's server on a fixed loopback port that can go down and come back.
+
+    moto keeps its state in the process, so the tables survive a restart.
+    """
+
+    def __init__(self):
+        self.port = 0
+        self.server = None
+
+    def start(self):
+        self.server = ThreadedMotoServer(ip_address=HOST, port=self.port, verbose=False)
+        self.server.start()
+        self.port = self.server.get_host_and_port()[1]
+
+    def stop(self):
+        self.server.stop()
+        # ThreadedMotoServer.stop() only ends serve_forever(); close the
+        # socket too, so that the endpoint refuses connections like a dead one.
+        self.server._server.server_close()
+        self.server = None
+
+    @property
+    def url(self):
+        return "http://%s:%d" % (HOST, self.port)
+
+
+@pytest.fixture(scope="module")
+def moto():
+    endpoint = MotoEndpoint()
+    endpoint.start()
+    yield endpoint
+    if endpoint.server is not None:
+        endpoint.stop()
+
+
+@pytest.fixture
+def aws_env(moto, monkeypatch, tmp_path):
+    """Dummy credentials and the local endpoint, isolated from ~/.aws."""
+    for name in ("AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_SESSION_TOKEN", "AWS_REGION",
+                 "AWS_MAX_ATTEMPTS", "AWS_RETRY_MODE", "AWS_IGNORE_CONFIGURED_ENDPOINT_URLS"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "aws-config"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "aws-credentials"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    monkeypatch.setenv("AWS_ENDPOINT_URL_DYNAMODB", moto.url)
+    return moto
+
+
+def run_cli(*argv):
+    return dynamodb.cli([str(a) for a in argv])
+
+
+@pytest.fixture
+def table(aws_env):
+    name = "proxy-%s" % uuid.uuid4().hex[:8]
+    assert run_cli("create-table", "--table", name) == 0
+    return name
+
+
+@pytest.fixture
+def proxy_name():
+    return "p-%s" % uuid.uuid4().hex[:8]
+
+
+def client():
+    return boto3.client("dynamodb")
+
+
+def put(table, proxy, configuration, **extra):
+    item = {"proxy_name": {"S": proxy}, "proxy_configuration": {"S": configuration}}
+    item.update(extra)
+    client().put_item(TableName=table, Item=item)
+
+
+def delete(table, proxy, configuration):
+    client().delete_item(TableName=table, Key={"proxy_name": {"S": proxy},
+                                               "proxy_configuration": {"S": configuration}})
+
+
+def options(proxy, table, **extra):
+    return SimpleNamespace(proxy=proxy, dynamodb=table, region=None, **extra)
+
+
+class Running:
+    """A started Proxy on 127.0.0.1 fed by a BackendPoller."""
+
+    def __init__(self, proxy, poller):
+        self.proxy = proxy
+        self.poller = poller
+
+    def wait_polls(self, n, timeout=15.0):
+        """Wait until n more polls have finished (whatever their result)."""
+        target = self.poller.polls + n
+        with self.poller.applied:
+            assert self.poller.applied.wait_for(lambda: self.poller.polls >= target, timeout)
+
+
+@pytest.fixture
+def running(table, proxy_name):
+    backend = dynamodb.Backend(options(proxy_name, table))
+    proxy = tcpproxy.Proxy(listen_host=HOST, name=proxy_name, connect_timeout=2.0)
+    proxy.start()
+    poller = BackendPoller(proxy, backend, interval=POLL).start()
+    try:
+        yield Running(proxy, poller)
+    finally:
+        poller.stop()
+        assert not poller._thread.is_alive()
+        proxy.stop()
+
+
+BackendPoller = tcpproxy.BackendPoller
+
+
+# Backend on its own ##########################################################
+
+def test_endpoint_comes_from_the_standard_variables(aws_env, monkeypatch, table):
+    backend = dynamodb.Backend(options("x", table))
+    assert backend.describe()["endpoint"] == aws_env.url
+    assert backend.fetch() == []
+    monkeypatch.delenv("AWS_ENDPOINT_URL_DYNAMODB")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", aws_env.url)
+    backend = dynamodb.Backend(options("x", table))
+    assert backend.describe()["endpoint"] == aws_env.url
+    assert backend.fetch() == []
+
+
+def test_region_flag_overrides_the_chain(aws_env):
+    backend = dynamodb.Backend(SimpleNamespace(proxy="x", dynamodb=None, region="eu-west-1"))
+    assert backend.client.meta.region_name == "eu-west-1"
+    assert backend.table == "classic-proxy"
+
+
+def test_short_retries_unless_configured(aws_env, monkeypatch):
+    config = dynamodb.Backend(options("x", "t")).client.meta.config
+    assert config.retries == {"mode": "standard", "total_max_attempts": 3}
+    assert config.connect_timeout == dynamodb.CONNECT_TIMEOUT
+    monkeypatch.setenv("AWS_RETRY_MODE", "adaptive")
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "9")
+    config = dynamodb.Backend(options("x", "t")).client.meta.config
+    assert config.retries == {"mode": "adaptive", "total_max_attempts": 9}
+
+
+def test_missing_proxy_is_a_config_error(aws_env):
+    with pytest.raises(tcpproxy.ConfigError, match="--proxy"):
+        dynamodb.Backend(SimpleNamespace())
+
+
+def test_no_region_is_a_config_error(aws_env, monkeypatch):
+    monkeypatch.delenv("AWS_DEFAULT_REGION")
+    with pytest.raises(tcpproxy.ConfigError, match="--region"):
+        dynamodb.Backend(options("x", "t"))
+
+
+def test_missing_boto3_says_how_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "boto3", None)
+    with pytest.raises(tcpproxy.BackendError, match=r"pip install 'tcpproxy\[aws\]'"):
+        dynamodb.Backend(options("x", "t"))
+
+
+def test_missing_table_is_a_backend_error_with_the_reason(aws_env):
+    backend = dynamodb.Backend(options("x", "no-such-table"))
+    with pytest.raises(tcpproxy.BackendError, match="ResourceNotFoundException"):
+        backend.fetch()
+
+
+def test_endpoint_down_is_a_backend_error(aws_env, monkeypatch):
+    monkeypatch.setenv("AWS_ENDPOINT_URL_DYNAMODB", "http://%s:%d" % (HOST, free_port()))
+    backend = dynamodb.Backend(options("x", "t"))
+    with pytest.raises(tcpproxy.BackendError, match="Could not connect"):
+        backend.fetch()
+
+
+def test_items_with_options_become_mappings(table, proxy_name):
+    put(table, proxy_name, "8002:db.example.com:5432",
+        allow={"L": [{"S": "10.0.0.0/8"}, {"S": "192.168.1.7/24"}]},
+        max_connections={"N": "100"})
+    put(table, proxy_name, "8003:cache.example.com:6379",
+        allow={"S": "127.0.0.1, 127.0.0.2/31"})
+    put(table, proxy_name, "8004:[::1]:22", allow={"SS": ["::1/128"]})
+    put(table, "another-proxy", "8005:elsewhere.example.com:1")
+    got = dynamodb.Backend(options(proxy_name, table)).fetch()
+    assert got == [
+        tcpproxy.Mapping(8002, "db.example.com", 5432, allow=("10.0.0.0/8", "192.168.1.0/24"),
+                         max_connections=100),
+        tcpproxy.Mapping(8003, "cache.example.com", 6379,
+                         allow=("127.0.0.1/32", "127.0.0.2/31")),
+        tcpproxy.Mapping(8004, "::1", 22, allow=("::1/128",)),
+    ]
+    assert got[0].allow == (ipaddress.ip_network("10.0.0.0/8"),
+                            ipaddress.ip_network("192.168.1.0/24"))
+
+
+def test_bad_items_are_skipped_and_named(table, proxy_name, caplog):
+    put(table, proxy_name, "8002:good.example.com:5432")
+    put(table, proxy_name, "not-a-spec")
+    put(table, proxy_name, "99999:toolarge.example.com:1")
+    put(table, proxy_name, "8002:duplicate.example.com:5432")
+    put(table, proxy_name, "8003:badallow.example.com:1", allow={"L": [{"S": "nonsense"}]})
+    put(table, proxy_name, "8004:badmax.example.com:1", max_connections={"S": "many"})
+    put(table, proxy_name, "8005:typed.example.com:1", max_connections={"BOOL": True})
+    put(table, proxy_name, "8006:also-good.example.com:1")
+    with caplog.at_level(logging.ERROR, logger="tcpproxy_backends"):
+        got = dynamodb.Backend(options(proxy_name, table)).fetch()
+    assert [m.spec for m in got] == ["8002:duplicate.example.com:5432",
+                                     "8006:also-good.example.com:1"]
+    text = caplog.text
+    for bad in ("not-a-spec", "99999:toolarge.example.com:1", "8002:good.example.com:5432",
+                "8003:badallow.example.com:1", "nonsense", "8004:badmax.example.com:1",
+                "8005:typed.example.com:1"):
+        assert bad in text
+    assert "already used" in text
+
+
+def test_query_follows_every_page(table, proxy_name):
+    for i in range(23):
+        put(table, proxy_name, "%d:host%02d.example.com:%d" % (9000 + i, i, 1000 + i))
+    backend = dynamodb.Backend(options(proxy_name, table))
+    backend.page_limit = 4
+    calls = []
+    backend.client.meta.events.register("before-call.dynamodb.Query",
+                                        lambda params, **kw: calls.append(params))
+    got = backend.fetch()
+    assert len(got) == 23
+    assert sorted(m.listen_port for m in got) == list(range(9000, 9023))
+    assert len(calls) == 6                       # 4+4+4+4+4+3, the last without a key
+    assert b"ExclusiveStartKey" not in calls[0]["body"]
+    assert all(b"ExclusiveStartKey" in call["body"] for call in calls[1:])
+    assert backend.describe()["items"] == 23
+
+
+# Operator helper #############################################################
+
+def test_cli_create_put_list_delete(aws_env, proxy_name, capsys):
+    name = "cli-%s" % uuid.uuid4().hex[:8]
+    assert run_cli("create-table", "--table", name) == 0
+    assert "ACTIVE" in capsys.readouterr().out
+    assert run_cli("create-table", "--table", name) == 0        # idempotent
+    described = client().describe_table(TableName=name)["Table"]
+    assert described["BillingModeSummary"]["BillingMode"] == "PAY_PER_REQUEST"
+    assert {(k["AttributeName"], k["KeyType"]) for k in described["KeySchema"]} == {
+        ("proxy_name", "HASH"), ("proxy_configuration", "RANGE")}
+    capsys.readouterr()
+
+    assert run_cli("put", "--proxy", proxy_name, "--table", name,
+                   "8002:blue.example.com:5432", "8003:cache.example.com:6379") == 0
+    assert run_cli("put", "--proxy", proxy_name, "--table", name, "--allow", "10.0.0.0/8",
+                   "--max-connections", "5", "8004:x.example.com:1") == 0
+    capsys.readouterr()
+    assert run_cli("list", "--proxy", proxy_name, "--table", name) == 0
+    assert capsys.readouterr().out.splitlines() == [
+        "8002:blue.example.com:5432", "8003:cache.example.com:6379",
+        "8004:x.example.com:1 allow=10.0.0.0/8 max_connections=5"]
+    got = dynamodb.Backend(options(proxy_name, name)).fetch()
+    assert got[2] == tcpproxy.Mapping(8004, "x.example.com", 1, allow=("10.0.0.0/8",),
+                                      max_connections=5)
+
+    # blue-green: one transaction puts green and deletes blue
+    assert run_cli("put", "--proxy", proxy_name, "--table", name, "--replace",
+                   "8002:green.example.com:5432") == 0
+    out = capsys.readouterr().out
+    assert "put 8002:green.example.com:5432" in out
+    assert "deleted 8002:blue.example.com:5432" in out
+    assert run_cli("list", "--proxy", proxy_name, "--table", name) == 0
+    assert capsys.readouterr().out.splitlines()[:2] == [
+        "8002:green.example.com:5432", "8003:cache.example.com:6379"]
+
+    assert run_cli("delete", "--proxy", proxy_name, "--table", name,
+                   "8003:cache.example.com:6379") == 0
+    assert run_cli("delete", "--proxy", proxy_name, "--table", name, "8004") == 0
+    capsys.readouterr()
+    assert run_cli("list", "--proxy", proxy_name, "--table", name) == 0
+    assert capsys.readouterr().out.splitlines() == ["8002:green.example.com:5432"]
+
+    # errors: nothing to delete, a bad spec, a missing table, usage
+    assert run_cli("delete", "--proxy", proxy_name, "--table", name, "9999") == 1
+    assert run_cli("put", "--proxy", proxy_name, "--table", name, "nonsense") == 2
+    assert run_cli("list", "--proxy", proxy_name, "--table", "no-such-table") == 1
+    assert run_cli("put", "--table", name, "8002:a:1") == 2          # no --proxy
+    assert run_cli() == 2
+
+
+def test_cli_is_reached_through_tcpproxy_main(table, proxy_name, capsys):
+    assert tcpproxy.main(["dynamodb", "put", "--proxy", proxy_name, "--table", table,
+                          "8002:a.example.com:1"]) == 0
+    assert tcpproxy.main(["dynamodb", "list", "--proxy", proxy_name, "--table", table]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == "8002:a.example.com:1"
+
+
+# With a running proxy ########################################################
+
+def test_item_added_is_listening_within_one_poll(running, table, proxy_name):
+    port = free_port()
+    with EchoServer("A") as a:
+        backend = running.poller.backend
+        fetches = []                                 # (started, specs) of every poll
+
+        def recording_fetch(fetch=backend.fetch):
+            started = time.monotonic()
+            result = fetch()
+            fetches.append((started, [m.spec for m in result]))
+            return result
+
+        backend.fetch = recording_fetch
+        running.wait_polls(1)
+        assert running.proxy.mappings == []
+        spec = "%d:%s:%d" % (port, HOST, a.port)
+        put(table, proxy_name, spec)
+        written = time.monotonic()
+        wait_until(lambda: greeting(port) == "A", timeout=10)
+        # the first poll that began after the write found the item (a poll already
+        # running during the write may have missed it): listening within one poll
+        wait_until(lambda: any(started > written for started, _ in list(fetches)))
+        first = next(specs for started, specs in list(fetches) if started > written)
+        assert first == [spec]
+        assert [m.spec for m in running.proxy.mappings] == [spec]
+        status = running.proxy.status()
+        assert status["ok"] and status["backend"]["table"] == table
+        assert running.proxy.connections()["name"] == proxy_name
+
+
+def test_item_deleted_stops_listening_and_closes_its_connections(running, table, proxy_name):
+    keep_port, drop_port = free_ports(2)
+    with EchoServer("A") as a:
+        drop = "%d:%s:%d" % (drop_port, HOST, a.port)
+        put(table, proxy_name, drop)
+        put(table, proxy_name, "%d:%s:%d" % (keep_port, HOST, a.port))
+        wait_until(lambda: greeting(drop_port) == "A" and greeting(keep_port) == "A")
+        dropped, _ = talk(drop_port)
+        kept, _ = talk(keep_port)
+        try:
+            delete(table, proxy_name, drop)
+            wait_until(lambda: refused(drop_port), timeout=10)
+            assert closed_by_peer(dropped, timeout=5)
+            assert echoes(kept)                          # the other mapping is untouched
+            assert [m.listen_port for m in running.proxy.mappings] == [keep_port]
+        finally:
+            dropped.close()
+            kept.close()
+
+
+def test_changed_target_switches_without_refusing(running, table, proxy_name, capsys):
+    port = free_port()
+    with EchoServer("A") as a, EchoServer("B") as b:
+        put(table, proxy_name, "%d:%s:%d" % (port, HOST, a.port))
+        wait_until(lambda: greeting(port) == "A")
+        old, _ = talk(port)
+        try:
+            with Hammer(port) as hammer:
+                wait_until(lambda: hammer.seen("A"))
+                # the helper's blue-green switch: put B and delete A in one transaction
+                assert run_cli("put", "--proxy", proxy_name, "--table", table, "--replace",
+                               "%d:%s:%d" % (port, HOST, b.port)) == 0
+                wait_until(lambda: hammer.seen("B"), timeout=10)
+                count = len(hammer.tags)
+                wait_until(lambda: len(hammer.tags) >= count + 20)
+            assert hammer.failures == []
+            assert "A" not in hammer.tags[count:]
+            assert echoes(old)             # a connection opened before the switch stays on A
+        finally:
+            old.close()
+
+
+def test_endpoint_down_keeps_serving_and_recovers(running, table, proxy_name, aws_env):
+    port, later = free_ports(2)
+    with EchoServer("A") as a:
+        put(table, proxy_name, "%d:%s:%d" % (port, HOST, a.port))
+        wait_until(lambda: greeting(port) == "A")
+        conn, _ = talk(port)
+        try:
+            aws_env.stop()
+            try:
+                failed = running.poller.polls
+                with running.poller.applied:
+                    assert running.poller.applied.wait_for(
+                        lambda: running.poller.polls > failed
+                        and running.poller.last_error is not None
+                        and "Could not connect" in running.poller.last_error, timeout=30)
+                backend = running.proxy.status()["backend"]
+                assert "Could not connect" in backend["error"]
+                # the mapping serves on: new connections and the open one
+                assert greeting(port) == "A"
+                assert echoes(conn)
+                assert [m.listen_port for m in running.proxy.mappings] == [port]
+            finally:
+                aws_env.start()
+            put(table, proxy_name, "%d:%s:%d" % (later, HOST, a.port))
+            wait_until(lambda: greeting(later) == "A", timeout=30)
+            assert greeting(port) == "A"
+            assert echoes(conn)
+            wait_until(lambda: running.proxy.status()["backend"]["error"] is None)
+            assert running.proxy.status()["ok"]
+        finally:
+            conn.close()
+
+
+def test_more_items_than_one_page_all_apply(running, table, proxy_name):
+    ports = free_ports(30)
+    running.poller.backend.page_limit = 7
+    with EchoServer("A") as a:
+        for port in ports:
+            put(table, proxy_name, "%d:%s:%d" % (port, HOST, a.port))
+        wait_until(lambda: len(running.proxy.mappings) == 30, timeout=15)
+        assert sorted(m.listen_port for m in running.proxy.mappings) == sorted(ports)
+        assert all(greeting(port) == "A" for port in ports)
+        assert running.poller.backend.items == 30
+
+
+def test_item_allow_list_is_enforced(running, table, proxy_name):
+    port = free_port()
+    with EchoServer("A") as a:
+        put(table, proxy_name, "%d:%s:%d" % (port, HOST, a.port),
+            allow={"L": [{"S": "127.0.0.2/32"}]})
+        wait_until(lambda: running.proxy.mappings)
+        # 127.0.0.1 is not in the list: closed before any upstream connection
+        assert greeting(port) is None
+        assert a.client_count() == 0
+        sock = socket.create_connection((HOST, port), timeout=5,
+                                                      source_address=("127.0.0.2", 0))
+        try:
+            assert sock.recv(2) == b"A\n"
+        finally:
+            sock.close()
+
+
+# Failures that moto does not produce, with botocore's Stubber ###############
+
+@pytest.mark.parametrize("code, message", [
+    ("ProvisionedThroughputExceededException", "The level of configured provisioned "
+                                               "throughput for the table was exceeded"),
+    ("ThrottlingException", "Rate of requests exceeds the allowed throughput"),
+    ("AccessDeniedException", "User is not authorized to perform: dynamodb:Query"),
+])
+def test_throttling_and_access_denied_are_backend_errors(code, message):
+    from botocore.stub import Stubber
+    stubbed = boto3.client("dynamodb", region_name="us-east-1", aws_access_key_id="testing",
+                           aws_secret_access_key="testing")
+    backend = dynamodb.Backend(options("x", "t"), client=stubbed)
+    with Stubber(stubbed) as stubber:
+        stubber.add_client_error("query", code, message, 400)
+        with pytest.raises(tcpproxy.BackendError, match="%s: %s" % (code, message)):
+            backend.fetch()
+        stubber.add_response("query", {"Count": 0, "ScannedCount": 0})
+        with pytest.raises(tcpproxy.BackendError, match="malformed answer"):
+            backend.fetch()
