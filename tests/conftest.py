@@ -1,0 +1,139 @@
+"""Fixtures: loopback upstreams, the loopback DNS server, the proxy as a
+subprocess, and a thread/descriptor baseline check around every test."""
+
+import gc
+import os
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from dnsserver import DNSServer  # noqa: E402
+from helpers import (  # noqa: E402
+    LOOP4, EchoServer, ProxyProcess, free_port, run_proxy_cli, wait_until,
+)
+
+
+def _fd_count():
+    return len(os.listdir("/proc/self/fd"))
+
+
+def _fds_back(baseline):
+    if _fd_count() <= baseline:
+        return True
+    # dnspython < 2.8 leaves a selector to the garbage collector: not a leak
+    gc.collect()
+    return _fd_count() <= baseline
+
+
+@pytest.fixture(autouse=True)
+def no_leaks():
+    """Threads and file descriptors of the test process return to their
+    baseline after each test (after every other fixture is torn down)."""
+    threads = threading.active_count()
+    fds = _fd_count()
+    yield
+    assert wait_until(lambda: threading.active_count() <= threads, 5), (
+        "leftover threads: %s" % [t.name for t in threading.enumerate()])
+    assert wait_until(lambda: _fds_back(fds), 5), (
+        "leaked descriptors: %d > %d" % (_fd_count(), fds))
+
+
+@pytest.fixture
+def echo():
+    with EchoServer() as server:
+        yield server
+
+
+@pytest.fixture
+def make_echo():
+    servers = []
+
+    def make(**kw):
+        s = EchoServer(**kw)
+        servers.append(s)
+        return s
+
+    yield make
+    for s in servers:
+        s.close()
+
+
+@pytest.fixture
+def upstream_pair():
+    """Echo upstreams on 127.0.0.2:P (banner b"A") and 127.0.0.3:P (b"B"):
+    one target port, two addresses, to tell which address a connection
+    reached."""
+    for _ in range(20):
+        a = EchoServer(host="127.0.0.2", banner=b"A")
+        try:
+            b = EchoServer(host="127.0.0.3", port=a.port, banner=b"B")
+        except OSError:
+            a.close()
+            continue
+        break
+    else:
+        pytest.fail("no common port free on 127.0.0.2 and 127.0.0.3")
+    try:
+        yield a, b
+    finally:
+        a.close()
+        b.close()
+
+
+@pytest.fixture
+def dns_server():
+    with DNSServer() as server:
+        yield server
+
+
+@pytest.fixture
+def proxy_cli():
+    """Factory: start ``python tcpproxy.py ARGS``; ``ports`` are waited for
+    (LISTEN state), ``status`` (host, port) waited for with a TCP connect.
+    Every process still running at teardown is killed."""
+    procs = []
+
+    def start(args, ports=(), status=None, env=None, nofile=None, wait=True, timeout=10.0):
+        if not wait:
+            p = ProxyProcess(args, env=env, nofile=nofile)
+        else:
+            p = run_proxy_cli(args, ports, status, timeout, env=env, nofile=nofile)
+        procs.append(p)
+        return p
+
+    yield start
+    for p in procs:
+        p.close()
+
+
+@pytest.fixture
+def start_proxy(proxy_cli):
+    """Factory: ``start_proxy("LPORT:HOST:RPORT", ..., extra=[...],
+    status=True)`` runs the CLI on 127.0.0.1 with a free status port (or
+    ``--status off``) and waits for every listen port.  The returned process
+    has ``.status_address`` and ``.ports``."""
+
+    def start(*specs, extra=(), status=True, env=None, nofile=None, listen=LOOP4):
+        args = ["--listen-address", listen]
+        if specs:
+            args += ["--connections"] + list(specs)
+        status_address = None
+        if status:
+            status_address = (LOOP4, free_port())
+            args += ["--status", "%s:%d" % status_address]
+        else:
+            args += ["--status", "off"]
+        args += list(extra)
+        ports = [int(s.split(":", 1)[0]) for spec in specs for s in spec.replace(",", " ").split()]
+        p = proxy_cli(args, ports=ports, status=status_address, env=env, nofile=nofile)
+        p.status_address = status_address
+        p.ports = ports
+        return p
+
+    return start
+

@@ -1,0 +1,121 @@
+"""The status endpoints of the command: /status, /status?format=json,
+/connections, methods and unknown paths, and slow HTTP clients."""
+
+import json
+import socket
+
+import pytest
+
+import tcpproxy
+from helpers import (
+    LOOP4, connect, echo_once, free_port, http, http_json, json_values, roundtrip, spec,
+    wait_until, walk,
+)
+
+
+@pytest.fixture
+def proxied(start_proxy, make_echo):
+    e1, e2 = make_echo(), make_echo()
+    l1, l2 = free_port(), free_port()
+    specs = [spec(l1, LOOP4, e1.port), spec(l2, LOOP4, e2.port)]
+    p = start_proxy(",".join(specs))
+    p.specs = specs
+    p.listen = (l1, l2)
+    p.echoes = (e1, e2)
+    return p
+
+
+def test_status_ok(proxied):
+    status, headers, body = http(proxied.status_address, "GET", "/status")
+    assert status == 200
+    assert body.strip() == b"OK"
+    assert headers.get("content-type", "").startswith("text/plain")
+
+
+def test_head(proxied):
+    for path in ("/status", "/connections", "/status?format=json"):
+        status, headers, body = http(proxied.status_address, "HEAD", path)
+        assert status == 200, path
+        assert body == b""
+
+
+def test_status_json(proxied):
+    l1, _ = proxied.listen
+    with connect((LOOP4, l1)) as c:
+        assert roundtrip(c, b"x" * 1000) == b"x" * 1000
+    assert proxied.echoes[0].wait_idle(5)
+
+    def counted():
+        data = http_json(proxied.status_address, "/status?format=json")
+        return data if 1000 in list(json_values(data)) else None
+
+    data = wait_until(counted, 5)
+    assert data, "no byte count of 1000 in %s" % http_json(
+        proxied.status_address, "/status?format=json")
+    assert data["version"] == tcpproxy.__version__
+    keys = {k for k, _ in walk(data)}
+    assert any("uptime" in k for k in keys), keys
+    assert any("backend" in k for k in keys), keys
+    assert "static" in json.dumps(data)
+    text = json.dumps(data)
+    for s in proxied.specs:
+        assert s.split(":", 1)[1].rsplit(":", 1)[1] in text      # target port
+        assert s.split(":", 1)[0] in text                        # listen port
+    assert any("stale" in k for k in keys), keys
+    assert any("expire" in k for k in keys), keys
+
+
+def test_connections_json(proxied):
+    l1, l2 = proxied.listen
+    data = http_json(proxied.status_address, "/connections")
+    assert data["name"] is None
+    assert sorted(data["connections"]) == sorted(proxied.specs)
+    assert data["sessions"] == []
+    c1, c2 = connect((LOOP4, l1)), connect((LOOP4, l2))
+    try:
+        assert roundtrip(c1, b"one") == b"one"
+        assert roundtrip(c2, b"two!") == b"two!"
+        data = http_json(proxied.status_address, "/connections")
+        sessions = data["sessions"]
+        assert len(sessions) == 2, sessions
+        text = json.dumps(sessions)
+        for c in (c1, c2):
+            assert str(c.getsockname()[1]) in text, "client address missing: %s" % text
+        for e in proxied.echoes:
+            assert str(e.port) in text, "upstream address missing: %s" % text
+        for s in sessions:
+            assert isinstance(s, dict) and len(s) >= 5, s
+        assert len({json.dumps(s.get("id")) for s in sessions}) == 2, "ids not distinct"
+    finally:
+        c1.close()
+        c2.close()
+    assert wait_until(lambda: http_json(proxied.status_address, "/connections")["sessions"] == [],
+                      5)
+
+
+@pytest.mark.parametrize("method", ["POST", "PUT", "DELETE", "PATCH"])
+def test_other_methods_405(proxied, method):
+    for path in ("/status", "/connections"):
+        status, _, _ = http(proxied.status_address, method, path)
+        assert status == 405, (method, path, status)
+
+
+@pytest.mark.parametrize("path", ["/", "/nope", "/status/extra", "/connectionsx"])
+def test_unknown_path_404(proxied, path):
+    assert http(proxied.status_address, "GET", path)[0] == 404
+    assert http(proxied.status_address, "HEAD", path)[0] == 404
+
+
+def test_slow_http_client_does_not_stall(proxied):
+    l1, _ = proxied.listen
+    idle = socket.create_connection(proxied.status_address, timeout=5)
+    partial = socket.create_connection(proxied.status_address, timeout=5)
+    try:
+        partial.sendall(b"GET /sta")
+        for i in range(5):
+            assert http(proxied.status_address, "GET", "/status", timeout=3)[0] == 200
+            assert echo_once((LOOP4, l1), b"go%d" % i, timeout=3) == b"go%d" % i
+    finally:
+        idle.close()
+        partial.close()
+    assert http(proxied.status_address, "GET", "/status")[0] == 200
