@@ -32,6 +32,7 @@ __all__ = [
 ]
 
 import argparse
+import collections
 import errno
 import fcntl
 import functools
@@ -82,6 +83,7 @@ SERVE_POLL_INTERVAL = 0.2          # serve_forever(): how fast shutdown() return
 DRAIN_QUIET = 1.0                  # drain closes a session this long quiet
 ACCEPT_BACKOFF = 0.1               # pause after EMFILE/ENFILE or no thread
 THREAD_STACK_SIZE = 256 * 1024     # set by main() only
+SWITCH_INTERVAL = 0.05             # sys.setswitchinterval(), by main() only
 DEBUG_LEVELS = (logging.WARNING, logging.INFO, logging.DEBUG)
 SPLICE_F_MOVE = getattr(os, "SPLICE_F_MOVE", 1)
 SPLICE_F_NONBLOCK = getattr(os, "SPLICE_F_NONBLOCK", 2)
@@ -386,6 +388,7 @@ class Resolver:
         self._listeners = []
         self._hosts = {}
         self._hosts_stamp = None
+        self._threads = set()
         self._resolver = None
         if dns is None:
             if nameservers:
@@ -442,14 +445,62 @@ class Resolver:
         with entry.cond:
             while True:
                 now = self.clock()
-                if entry.addresses and (now < entry.expires or now < entry.retry_at):
-                    return list(entry.addresses)
-                if not entry.addresses and now < entry.retry_at:
+                if entry.addresses:
+                    if now < entry.expires:
+                        return list(entry.addresses)
+                    if entry.stale:
+                        # DNS is failing: serve the last good answer at once
+                        # and retry in the background when the backoff allows.
+                        if not entry.busy and now >= entry.retry_at:
+                            entry.busy = True
+                            self._refresh_in_background(host, entry)
+                        return list(entry.addresses)
+                    if entry.busy:
+                        # Share the lookup under way, for at most the grace
+                        # second past expiry.
+                        grace = entry.expires + 1.0 - now
+                        if grace <= 0:
+                            return list(entry.addresses)
+                        entry.cond.wait(grace)
+                        continue
+                elif now < entry.retry_at:
                     raise ResolveError("cannot resolve %s: %s" % (host, entry.error))
-                if not entry.busy:
-                    entry.busy = True
-                    break
-                entry.cond.wait(self.timeout + 1.0)
+                elif entry.busy:
+                    entry.cond.wait(self.timeout + 1.0)
+                    continue
+                entry.busy = True
+                break
+        return self._refresh(host, entry)
+
+    def _refresh_in_background(self, host, entry):
+        def retry():
+            try:
+                self._refresh(host, entry)
+            except ResolveError:
+                pass
+            finally:
+                with self.lock:
+                    self._threads.discard(threading.current_thread())
+        thread = threading.Thread(target=retry, name="tcpproxy-dns-%s" % host)
+        with self.lock:
+            self._threads.add(thread)
+        try:
+            thread.start()
+        except RuntimeError:              # no thread: retry on a later call
+            with self.lock:
+                self._threads.discard(thread)
+            entry.busy = False
+
+    def close(self, timeout=5.0):
+        """Join background retries (they end within the DNS timeout)."""
+        deadline = time.monotonic() + timeout
+        with self.lock:
+            threads = list(self._threads)
+        for thread in threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+
+    def _refresh(self, host, entry):
+        """Look *host* up now (the caller set entry.busy) and update *entry*."""
         old = entry.addresses
         started = self.clock()
         try:
@@ -1037,19 +1088,23 @@ def _failed(session, exc, side):
 
 class _WorkerPool:
     """Reusable threads: a task given to submit() starts at once, on an
-    idle worker or on a new thread; a worker idle for *idle_timeout*
-    seconds ends.  close() wakes idle workers and joins them all.
+    idle worker or on a new thread.  reap(), called by every listener's
+    serve_forever() loop, retires workers idle for *idle_timeout* seconds
+    (or beyond *keep* idle ones) a few at a time: thousands of threads
+    ending at once make CPython's GIL thrash for seconds.  close() wakes
+    idle workers and joins them all.
 
     Creating two threads per connection costs more than the connection
     itself under churn; parked workers cost a little memory instead.
     """
 
-    def __init__(self, name="tcpproxy-worker", idle_timeout=5.0, keep=512):
+    def __init__(self, name="tcpproxy-worker", idle_timeout=5.0, keep=512, reap_batch=64):
         self.name = name
         self.idle_timeout = idle_timeout
         self.keep = keep
+        self.reap_batch = reap_batch
         self.lock = threading.Lock()
-        self._idle = []                 # LIFO of parked workers
+        self._idle = collections.deque()  # parked workers, oldest on the left
         self._all = set()
         self._ids = itertools.count(1)
         self._closed = False
@@ -1080,30 +1135,44 @@ class _WorkerPool:
         me = threading.current_thread()
         base = me.name
         task = me.task
-        while task is not None:
-            me.task = None
-            func, args = task
-            try:
-                func(*args)
-            except Exception:  # noqa: BLE001 - a worker must survive its task
-                log.exception("unexpected error in %s", me.name)
-            me.name = base
-            task = self._park(me)
+        try:
+            while task is not None:
+                me.task = None
+                func, args = task
+                try:
+                    func(*args)
+                except Exception:  # noqa: BLE001 - a worker must survive its task
+                    log.exception("unexpected error in %s", me.name)
+                me.name = base
+                task = self._park(me)
+        finally:
+            with self.lock:
+                self._all.discard(me)
 
     def _park(self, me):
         with self.lock:
-            if self._closed or len(self._idle) >= self.keep:
-                self._all.discard(me)
+            if self._closed:
                 return None
+            me.parked = time.monotonic()
             self._idle.append(me)
-        if not me.wake.acquire(timeout=self.idle_timeout):
-            with self.lock:
-                if me in self._idle:      # nobody claimed us: retire
-                    self._idle.remove(me)
-                    self._all.discard(me)
-                    return None
-            me.wake.acquire()             # claimed as we timed out: take the wake-up
-        return me.task                    # None when close() woke us
+        me.wake.acquire()
+        return me.task                    # None: retired by reap() or close()
+
+    def reap(self):
+        """Retire a few workers idle for too long (or beyond *keep*)."""
+        limit = time.monotonic() - self.idle_timeout
+        with self.lock:
+            for _ in range(self.reap_batch):
+                if not self._idle or (self._idle[0].parked > limit
+                                      and len(self._idle) <= self.keep):
+                    break
+                worker = self._idle.popleft()
+                worker.task = None
+                worker.wake.release()
+
+    def idle(self):
+        with self.lock:
+            return len(self._idle)
 
     def threads(self):
         with self.lock:
@@ -1113,7 +1182,7 @@ class _WorkerPool:
         """Stop parked workers and join every worker until *deadline*."""
         with self.lock:
             self._closed = True
-            idle, self._idle = self._idle, []
+            idle, self._idle = self._idle, collections.deque()
         for worker in idle:
             worker.wake.release()
         for worker in self.threads():
@@ -1252,6 +1321,10 @@ class ProxyServer(socketserver.ThreadingTCPServer):
 
     def set_mapping(self, mapping):
         self.mapping = mapping
+
+    def service_actions(self):
+        # Called by serve_forever() every SERVE_POLL_INTERVAL.
+        self.proxy.workers.reap()
 
     def get_request(self):
         try:
@@ -1435,7 +1508,7 @@ class Proxy:
         self._failures = {}             # spec -> reason, for /status
         self._lock = threading.RLock()  # serialises start/apply/stop
         self._rotation = {}
-        self._backend = dict(backend_info or {}) if backend_info else None
+        self._backend = dict(backend_info or {"name": "static", "ok": True})
         self._state = "new"
         self._started = None
         self._stop_event = threading.Event()
@@ -1612,6 +1685,7 @@ class Proxy:
                 self._stop_server(port, deadline, "proxy stopping")
             if self._watcher is not None:
                 self._watcher.join(max(0.0, deadline - time.monotonic()))
+            self.resolver.close(max(0.0, deadline - time.monotonic()))
             if self._status_server is not None:
                 server, thread = self._status_server
                 server.shutdown()
@@ -1797,7 +1871,7 @@ class Proxy:
         """What GET /status?format=json returns; "ok" drives the 200/503."""
         sessions, stats = self.registry.snapshot()
         with self.registry.lock:
-            backend = dict(self._backend) if self._backend is not None else None
+            backend = dict(self._backend)
         mappings = []
         reasons = []
         if self._state == "draining":
@@ -1822,7 +1896,7 @@ class Proxy:
                 "max_connections": mapping.max_connections}))
         for spec, reason in sorted(self._failures.items()):
             reasons.append("%s: %s" % (spec, reason))
-        if backend is not None and not backend.get("ok", True):
+        if not backend.get("ok", True):
             reasons.append("backend: %s" % (backend.get("error") or "no successful poll yet"))
         return {"ok": not reasons, "reason": "; ".join(reasons) or "OK",
                 "version": __version__, "name": self.name,
@@ -2204,6 +2278,11 @@ def main(argv=None):
         threading.stack_size(THREAD_STACK_SIZE)
     except (ValueError, RuntimeError):
         pass
+    # Thousands of threads waking at once (every client sending, or closing)
+    # each wait for the GIL with a timeout of the switch interval; at the
+    # default 5 ms their timeouts alone burn the CPU.  Pumps release the GIL
+    # at every syscall, so a longer interval costs them nothing.
+    sys.setswitchinterval(SWITCH_INTERVAL)
     signals = _Signals()
     signals.install()
     proxy = poller = None
@@ -2216,7 +2295,7 @@ def main(argv=None):
                       close_on_dns_change=args.close_on_dns_change, name=args.proxy,
                       status_address=args.status_address,
                       status_allow=args.status_allow_networks,
-                      backend_info=None if args.backend == "static" else {
+                      backend_info={"name": "static", "ok": True} if args.backend == "static" else {
                           "name": args.backend, "ok": False,
                           "error": "no successful poll yet"},
                       idle_timeout=args.idle_timeout, allow=args.allow_networks,
