@@ -20,6 +20,24 @@ from helpers import (
 
 MB = 1 << 20
 
+try:
+    import tcpproxy
+    HAVE_SPLICE = tcpproxy.HAVE_SPLICE
+except ImportError:  # pragma: no cover
+    HAVE_SPLICE = False
+
+
+# Every forwarding test runs twice: with the splice pump (Linux, Python
+# 3.10+) and with the copy pump (what Python 3.9 and other platforms get).
+@pytest.fixture(params=["splice", "copy"] if HAVE_SPLICE else ["copy"])
+def start_proxy(request, start_proxy):
+    use_splice = "1" if request.param == "splice" else "0"
+
+    def start(*specs, env=None, **kwargs):
+        return start_proxy(*specs, env=dict(env or {}, TCPPROXY_SPLICE=use_splice), **kwargs)
+
+    return start
+
 
 @pytest.fixture
 def listener():
