@@ -1757,6 +1757,11 @@ class Proxy:
             except OSError as exc:
                 errors.append("%s: %s" % (address, exc.strerror or exc))
                 break
+            with session.lock:               # abort() may now interrupt connect()
+                if session.closed_reason is not None:
+                    sock.close()
+                    return None
+                session.upstream_sock = sock
             try:
                 # SO_SNDTIMEO bounds a blocking connect() (EINPROGRESS when it
                 # expires): two syscalls instead of settimeout()'s four fcntl.
@@ -1764,7 +1769,11 @@ class Proxy:
                 sock.connect((address, mapping.port))
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _TIMEVAL_ZERO)
             except OSError as exc:
-                sock.close()
+                with session.lock:
+                    session.upstream_sock = None
+                    sock.close()
+                if session.closed_reason is not None:
+                    return None
                 if isinstance(exc, socket.timeout) or exc.errno in (errno.EINPROGRESS,
                                                                     errno.EAGAIN):
                     reason = "timed out after %gs" % self.connect_timeout
@@ -1775,11 +1784,8 @@ class Proxy:
                          _format_hostport(address, mapping.port), reason)
                 continue
             _tune(sock)
-            with session.lock:
-                if session.closed_reason is not None:
-                    sock.close()
-                    return None
-                session.upstream_sock = sock
+            if session.closed_reason is not None:
+                return None                   # finish_session() closes it
             session.upstream_address = (address, mapping.port)
             return sock
         _ratelimited.log(logging.WARNING, ("connect", mapping.listen_port),
