@@ -885,7 +885,7 @@ class ProxyHandler(socketserver.BaseRequestHandler):
         try:
             proxy.workers.submit(down)
         except RuntimeError as exc:  # can't start new thread
-            _ratelimited.log(logging.ERROR, "thread", "cannot start a pump thread (%s): "
+            _ratelimited.log(logging.ERROR, "pump-thread", "cannot start a pump thread (%s): "
                              "closing %s", exc, _format_hostport(*session.client[:2]))
             session.abort("no thread")
             return
@@ -1210,6 +1210,7 @@ class _TrackedThreadsMixIn:
     def process_request(self, request, client_address):
         thread = threading.Thread(target=self._process, args=(request, client_address),
                                   name="%s-%s" % (self.thread_prefix, client_address[1]))
+        thread.client = client_address[0]
         with self._tracked_lock:
             self._tracked.add(thread)
         try:
@@ -1217,8 +1218,9 @@ class _TrackedThreadsMixIn:
         except RuntimeError as exc:     # can't start new thread
             with self._tracked_lock:
                 self._tracked.discard(thread)
-            _ratelimited.log(logging.ERROR, "thread", "%s: cannot start a thread (%s): "
-                             "closing client %s", self.thread_prefix, exc,
+            _ratelimited.log(logging.ERROR, (self.thread_prefix, "thread"),
+                             "%s: cannot start a thread (%s): closing client %s",
+                             self.thread_prefix, exc,
                              _format_hostport(*client_address[:2]))
             _reset_close(request)
             self._stopping.wait(ACCEPT_BACKOFF)
@@ -1271,8 +1273,8 @@ class ProxyServer(socketserver.ThreadingTCPServer):
             self.proxy.workers.submit(self._process, request, client_address)
         except RuntimeError as exc:     # can't start new thread
             self.session_done()
-            _ratelimited.log(logging.ERROR, "thread", "%d: cannot start a thread (%s): "
-                             "closing client %s", self.port, exc,
+            _ratelimited.log(logging.ERROR, ("thread", self.port),
+                             "%d: cannot start a thread (%s): closing client %s", self.port, exc,
                              _format_hostport(*client_address[:2]))
             _reset_close(request)
             self._stopping.wait(ACCEPT_BACKOFF)
@@ -1375,6 +1377,14 @@ class StatusHandler(http.server.BaseHTTPRequestHandler):
     request_timeout = 5                # for the whole request
     protocol_version = "HTTP/1.0"
 
+    def send_response_only(self, code, message=None):
+        # http.server answers HTTP/0.9 style (a bare body, no status line or
+        # headers) to a request line it could not parse and to any request
+        # that is, or says it is, HTTP/0.9: always send a status line.
+        if self.request_version == "HTTP/0.9":
+            self.request_version = "HTTP/1.0"
+        super().send_response_only(code, message)
+
     def setup(self):
         super().setup()
         self.rfile.close()
@@ -1440,6 +1450,7 @@ class StatusServer(_TrackedThreadsMixIn, http.server.ThreadingHTTPServer):
     request_queue_size = 128
     thread_prefix = "tcpproxy-status"
     max_threads = 32                   # more concurrent requests are refused
+    max_per_client = 8                 # ... and more than this from one address
 
     def __init__(self, address, proxy, allow=()):
         self.proxy = proxy
@@ -1450,15 +1461,33 @@ class StatusServer(_TrackedThreadsMixIn, http.server.ThreadingHTTPServer):
         super().__init__(address, StatusHandler)
 
     def verify_request(self, request, client_address):
-        if len(self.threads()) >= self.max_threads:
+        threads = self.threads()
+        if len(threads) >= self.max_threads:
             _ratelimited.log(logging.WARNING, "status-busy", "status: refused %s: %d "
                              "requests in progress", client_address[0], self.max_threads)
+            return False
+        if sum(1 for t in threads if t.client == client_address[0]) >= self.max_per_client:
+            _ratelimited.log(logging.WARNING, ("status-busy", client_address[0]),
+                             "status: refused %s: %d of its requests in progress",
+                             client_address[0], self.max_per_client)
             return False
         if _allowed(client_address[0], self.allow):
             return True
         _ratelimited.log(logging.WARNING, "status-acl",
                          "status: refused %s: not in --status-allow", client_address[0])
         return False
+
+    def get_request(self):
+        try:
+            return self.socket.accept()
+        except OSError as exc:
+            if exc.errno in EXHAUSTION_ERRS:
+                # No descriptor for the client: it stays queued and the
+                # listener stays readable, so back off instead of spinning.
+                _ratelimited.log(logging.ERROR, "status-accept", "status: cannot accept "
+                                 "(%s): backing off", exc.strerror)
+                self._stopping.wait(ACCEPT_BACKOFF)
+            raise
 
     def handle_error(self, request, client_address):
         log.debug("status: error serving %s", client_address, exc_info=True)
@@ -1809,8 +1838,8 @@ class Proxy:
 
     def accept_exhausted(self, server, exc):
         """accept() failed for lack of descriptors: shed one client and back off."""
-        _ratelimited.log(logging.ERROR, "accept", "%d: cannot accept (%s): shedding "
-                         "a client and backing off", server.port, exc.strerror)
+        _ratelimited.log(logging.ERROR, ("accept", server.port), "%d: cannot accept (%s): "
+                         "shedding a client and backing off", server.port, exc.strerror)
         with self._spare_lock:
             if self._spare_fd is not None:
                 os.close(self._spare_fd)

@@ -87,7 +87,7 @@ def _parse_max_connections(value):
     else:
         try:
             number = int(value)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):   # OverflowError: .inf
             raise ValueError("max_connections %r is not a whole number" % (value,)) from None
         if number != value:
             raise ValueError("max_connections %r is not a whole number" % (value,))
