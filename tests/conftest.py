@@ -3,6 +3,7 @@ subprocess, and a thread/descriptor baseline check around every test."""
 
 import gc
 import os
+import socket
 import sys
 import threading
 from pathlib import Path
@@ -137,3 +138,15 @@ def start_proxy(proxy_cli):
 
     return start
 
+
+
+@pytest.fixture
+def listener():
+    """A bare upstream listening socket; the test accepts and scripts it."""
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind((LOOP4, 0))
+    s.listen(64)
+    s.settimeout(5)
+    yield s
+    s.close()

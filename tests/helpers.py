@@ -864,3 +864,11 @@ def run_cli(args, timeout=20.0, env=None, input_=None):
         cwd=str(REPO), env=full_env, stdin=subprocess.DEVNULL,
         capture_output=True, text=True, timeout=timeout,
     )
+
+
+def accept(listener, timeout=5.0):
+    """Accept one connection on a test's bare upstream ``listener``."""
+    listener.settimeout(timeout)
+    conn, _ = listener.accept()
+    conn.settimeout(timeout)
+    return conn

@@ -21,7 +21,7 @@ import pytest
 
 import tcpproxy
 from helpers import (
-    LOOP4, TCPPROXY, BulkServer, ProxyProcess, closed_by_peer, closed_promptly,
+    LOOP4, TCPPROXY, BulkServer, ProxyProcess, accept, closed_by_peer, closed_promptly,
     connect, echo_once, free_port, http, http_json, pattern, proc_fds, proc_rss_kib,
     proc_threads, recv_exact, roundtrip, sha256, spec, wait_until,
 )
@@ -31,24 +31,6 @@ PAUSE = threading.Event()          # never set: Event.wait() is a bounded pause
 
 
 # -- helpers -------------------------------------------------------------------
-
-@pytest.fixture
-def listener():
-    """A bare upstream listening socket; the test accepts and scripts it."""
-    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    s.bind((LOOP4, 0))
-    s.listen(64)
-    yield s
-    s.close()
-
-
-def accept(listener, timeout=5.0):
-    listener.settimeout(timeout)
-    conn, _ = listener.accept()
-    conn.settimeout(timeout)
-    return conn
-
 
 def mapping_stats(status_address, port):
     data = http_json(status_address, "/status?format=json")

@@ -13,7 +13,8 @@ import time
 import pytest
 
 from helpers import (
-    LOOP4, Blackhole, BulkServer, EchoServer, closed_by_peer, closed_promptly, connect, echo_once,
+    LOOP4, Blackhole, BulkServer, EchoServer, accept, closed_by_peer, closed_promptly, connect,
+    echo_once,
     free_port, listen_overflows, pattern, proc_fds, proc_rss_kib, proc_threads,
     raise_nofile, recv_all, recv_exact, roundtrip, sha256, spec, tcp_timers, wait_until,
 )
@@ -37,25 +38,6 @@ def start_proxy(request, start_proxy):
         return start_proxy(*specs, env=dict(env or {}, TCPPROXY_SPLICE=use_splice), **kwargs)
 
     return start
-
-
-@pytest.fixture
-def listener():
-    """A bare upstream listening socket; the test accepts and scripts it."""
-    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    s.bind((LOOP4, 0))
-    s.listen(16)
-    s.settimeout(5)
-    yield s
-    s.close()
-
-
-def accept(listener, timeout=5.0):
-    listener.settimeout(timeout)
-    conn, _ = listener.accept()
-    conn.settimeout(timeout)
-    return conn
 
 
 def settled(p, timeout=10.0):
