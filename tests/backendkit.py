@@ -230,3 +230,30 @@ class Hammer:
 
     def seen(self, tag):
         return tag in self.tags
+
+
+class MotoEndpoint:
+    """moto's DynamoDB server on a fixed loopback port that can go down and
+    come back (moto keeps its data in this process, so tables survive)."""
+
+    def __init__(self):
+        self.port = 0
+        self.server = None
+
+    def start(self):
+        from moto.server import ThreadedMotoServer
+        self.server = ThreadedMotoServer(ip_address=HOST, port=self.port, verbose=False)
+        self.server.start()
+        self.port = self.server.get_host_and_port()[1]
+
+    def stop(self):
+        if self.server is not None:
+            self.server.stop()
+            # ThreadedMotoServer.stop() only ends serve_forever(); close the
+            # socket too, so that the endpoint refuses like a dead one.
+            self.server._server.server_close()
+            self.server = None
+
+    @property
+    def url(self):
+        return "http://%s:%d" % (HOST, self.port)

@@ -12,42 +12,14 @@ from types import SimpleNamespace
 
 import boto3
 import pytest
-from moto.server import ThreadedMotoServer
 
 import tcpproxy
 from tcpproxy_backends import dynamodb
 
-from backendkit import (HOST, EchoServer, Hammer, closed_by_peer, echoes, free_port,
+from backendkit import (HOST, MotoEndpoint, EchoServer, Hammer, closed_by_peer, echoes, free_port,
                         free_ports, greeting, refused, talk, wait_until)
 
 POLL = 0.2
-
-
-class MotoEndpoint:
-    """moto's server on a fixed loopback port that can go down and come back.
-
-    moto keeps its state in the process, so the tables survive a restart.
-    """
-
-    def __init__(self):
-        self.port = 0
-        self.server = None
-
-    def start(self):
-        self.server = ThreadedMotoServer(ip_address=HOST, port=self.port, verbose=False)
-        self.server.start()
-        self.port = self.server.get_host_and_port()[1]
-
-    def stop(self):
-        self.server.stop()
-        # ThreadedMotoServer.stop() only ends serve_forever(); close the
-        # socket too, so that the endpoint refuses connections like a dead one.
-        self.server._server.server_close()
-        self.server = None
-
-    @property
-    def url(self):
-        return "http://%s:%d" % (HOST, self.port)
 
 
 @pytest.fixture(scope="module")

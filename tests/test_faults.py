@@ -20,6 +20,7 @@ from types import SimpleNamespace
 import pytest
 
 import tcpproxy
+from backendkit import MotoEndpoint
 from helpers import (
     LOOP4, TCPPROXY, BulkServer, ProxyProcess, accept, closed_by_peer, closed_promptly,
     connect, echo_once, free_port, http, http_json, pattern, proc_fds, proc_rss_kib,
@@ -334,31 +335,6 @@ def test_dns_outage_while_traffic_flows(dns_server, echo, mode):
             assert traffic.wait_more(5), traffic.failures
         assert traffic.failures == []
         assert proxy.status()["mappings"][0]["failed"] == 0
-
-
-class MotoEndpoint:
-    """moto's server on a fixed loopback port that can go down and come back
-    (moto keeps its data in this process, so the table survives)."""
-
-    def __init__(self):
-        self.port = 0
-        self.server = None
-
-    def start(self):
-        from moto.server import ThreadedMotoServer
-        self.server = ThreadedMotoServer(ip_address=LOOP4, port=self.port, verbose=False)
-        self.server.start()
-        self.port = self.server.get_host_and_port()[1]
-
-    def stop(self):
-        if self.server is not None:
-            self.server.stop()
-            self.server._server.server_close()      # refuse, like a dead endpoint
-            self.server = None
-
-    @property
-    def url(self):
-        return "http://%s:%d" % (LOOP4, self.port)
 
 
 @pytest.fixture
