@@ -914,24 +914,75 @@ def _reset_close(sock):
 # idle connection is the two sockets and the two parked threads.
 
 class _BufferPool:
-    """Reusable bytearrays for the pumps (list append/pop are atomic).  Only
-    *keep* are kept between bursts: they count in every idle connection's
-    share of memory."""
+    """Reusable copy buffers for the pumps (list append/pop are atomic).
+    Only *keep* are kept between bursts: they count in every idle
+    connection's share of memory.  An entry is ``(bytearray, address)``;
+    the address (for libc I/O) is None when *libc* is None."""
 
-    def __init__(self, size=LARGE_BUFFER, keep=16):
+    def __init__(self, size=LARGE_BUFFER, keep=16, libc=None):
         self.size = size
         self.keep = keep
+        self.libc = libc
         self._free = []
 
     def get(self):
         try:
             return self._free.pop()
         except IndexError:
-            return bytearray(self.size)
+            buf = bytearray(self.size)
+            return buf, (self.libc.address(buf) if self.libc is not None else None)
 
-    def put(self, buf):
+    def put(self, entry):
         if len(self._free) < self.keep:
-            self._free.append(buf)
+            self._free.append(entry)
+
+
+class _LibcIO:
+    """recv() and send() called straight from the C library, with the GIL held.
+
+    Python's socket methods release the GIL around every system call.
+    With many busy connections each release hands the GIL to another
+    thread and costs a context switch, which makes a 64-byte request
+    cost several of them.  A pump calls recv() only after poll() said
+    the socket is readable, and both calls use MSG_DONTWAIT, so they
+    never block: holding the GIL through them is safe and halves the
+    CPU per request.  A send() that would block (the reader is slow)
+    falls back to socket.sendall(), which waits with the GIL released.
+
+    Used only on Linux, through ctypes.PyDLL (the library already
+    loaded; nothing is compiled).  TCPPROXY_LIBC_IO=0 or
+    Proxy(libc_io=False) turns it off.
+    """
+
+    FLAGS_RECV = int(getattr(socket, "MSG_DONTWAIT", 0x40))
+    FLAGS_SEND = FLAGS_RECV | int(getattr(socket, "MSG_NOSIGNAL", 0x4000))
+
+    def __init__(self):
+        import ctypes                        # only when used: it costs 3 ms to import
+        libc = ctypes.PyDLL(None, use_errno=True)
+        self._ctypes = ctypes
+        self.recv, self.send = libc.recv, libc.send
+        for func in (self.recv, self.send):
+            func.argtypes = (ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+            func.restype = ctypes.c_ssize_t
+        self.get_errno = ctypes.get_errno
+
+    def address(self, buf):
+        """Address of a bytearray's storage (it is never resized)."""
+        ctypes = self._ctypes
+        return ctypes.addressof((ctypes.c_char * len(buf)).from_buffer(buf))
+
+    @classmethod
+    @functools.lru_cache(maxsize=None)
+    def load(cls):
+        """The shared instance, or None where it is not available."""
+        if not sys.platform.startswith("linux"):
+            return None
+        try:
+            return cls()
+        except (ImportError, OSError, AttributeError) as exc:
+            log.debug("libc I/O is not available (%s): using socket methods", exc)
+            return None
 
 
 class _PipePool:
@@ -976,15 +1027,6 @@ class _PipePool:
             self.discard(pipe)
 
 
-def _wait_readable(poller, session, idle_timeout, wait_ms):
-    """Block until the pump's source is readable; False on idle timeout."""
-    while not poller.poll(wait_ms):
-        if time.monotonic() - session.last_active >= idle_timeout:
-            session.abort("idle timeout")
-            return False
-    return True
-
-
 def _end_of_stream(session, dst):
     # Half-close: pass EOF on.  When the other pump has ended already, the
     # close() that follows sends the FIN by itself.
@@ -995,26 +1037,44 @@ def _end_of_stream(session, dst):
             pass
 
 
+def _errno_error(err):
+    return OSError(err, os.strerror(err))
+
+
 def pump(session, src, dst, up, proxy):
     """Move bytes from *src* to *dst* until EOF or error.
 
-    Small reads (requests, replies) are copied through a pooled buffer:
-    recv_into() + sendall(), the fewest syscalls.  A read of BULK_READ bytes
-    or more switches to os.splice() through a pooled pipe, so that bulk
-    transfers never enter Python; the pump goes back to copying when a
-    splice returns less.  Without splice (Python 3.9, not Linux,
-    TCPPROXY_SPLICE=0) it always copies.
+    The pump waits with poll() (not select(), which breaks above
+    descriptor 1024), then moves what is there.  Small reads (requests,
+    replies) are copied through a pooled buffer: recv + send, through
+    libc with the GIL held (see _LibcIO) or with socket.recv_into() and
+    sendall().  A read of BULK_READ bytes or more switches to os.splice()
+    through a pooled pipe, so that bulk transfers never enter Python; the
+    pump goes back to copying when a splice returns less.  Without
+    splice (Python 3.9, not Linux, TCPPROXY_SPLICE=0) it always copies.
     """
     idle_timeout = proxy.idle_timeout
     wait_ms = int(min(idle_timeout, 5.0) * 1000) if idle_timeout else None
     poller = select.poll()
     poller.register(src, select.POLLIN | select.POLLPRI)
-    buffers, pipes = proxy.buffers, proxy.pipes
+    poll = poller.poll
+    buffers, pipes, libc = proxy.buffers, proxy.pipes, proxy.libc
+    get_buffer, put_buffer, size = buffers.get, buffers.put, buffers.size
     recv_into, sendall = src.recv_into, dst.sendall
     sfd, dfd = src.fileno(), dst.fileno()
+    if libc is not None:
+        crecv, csend, get_errno = libc.recv, libc.send, libc.get_errno
+        recv_flags, send_flags = libc.FLAGS_RECV, libc.FLAGS_SEND
     splice = getattr(os, "splice", None)
+    from_side, to_side = ("client", "upstream") if up else ("upstream", "client")
+    monotonic = time.monotonic
     bulk = False
-    while _wait_readable(poller, session, idle_timeout, wait_ms):
+    while True:
+        if not poll(wait_ms):
+            if monotonic() - session.last_active >= idle_timeout:
+                session.abort("idle timeout")
+                return
+            continue
         if bulk:
             try:
                 pipe = pipes.get()
@@ -1030,7 +1090,7 @@ def pump(session, src, dst, up, proxy):
                 continue
             except OSError as exc:
                 pipes.put(pipe)
-                _failed(session, exc, "client" if up else "upstream")
+                _failed(session, exc, from_side)
                 return
             left = n
             try:
@@ -1038,29 +1098,44 @@ def pump(session, src, dst, up, proxy):
                     left -= splice(pipe[0], dfd, left, flags=SPLICE_F_MOVE)
             except OSError as exc:
                 pipes.discard(pipe)           # bytes may be left in it
-                _failed(session, exc, "upstream" if up else "client")
+                _failed(session, exc, to_side)
                 return
             pipes.put(pipe)
             bulk = n >= BULK_READ
         else:
-            buf = buffers.get()
+            entry = get_buffer()
+            buf = entry[0]
             try:
-                n = recv_into(buf)
+                if libc is None:
+                    n = recv_into(buf)
+                else:
+                    n = crecv(sfd, entry[1], size, recv_flags)
+                    if n < 0:                # EAGAIN, EINTR: see the excepts
+                        raise _errno_error(get_errno())
             except (BlockingIOError, InterruptedError):
-                buffers.put(buf)
+                put_buffer(entry)
                 continue
             except OSError as exc:
-                buffers.put(buf)
-                _failed(session, exc, "client" if up else "upstream")
+                put_buffer(entry)
+                _failed(session, exc, from_side)
                 return
             if n:
                 try:
-                    sendall(memoryview(buf)[:n])
+                    sent = 0
+                    if libc is not None:
+                        sent = csend(dfd, entry[1], n, send_flags)
+                        if sent < 0:
+                            err = get_errno()
+                            if err not in (errno.EAGAIN, errno.EINTR):
+                                raise _errno_error(err)
+                            sent = 0
+                    if sent < n:             # the rest waits for the reader
+                        sendall(memoryview(buf)[sent:n])
                 except OSError as exc:
-                    buffers.put(buf)
-                    _failed(session, exc, "upstream" if up else "client")
+                    put_buffer(entry)
+                    _failed(session, exc, to_side)
                     return
-            buffers.put(buf)
+            put_buffer(entry)
             bulk = pipes is not None and n >= BULK_READ
         if not n:
             _end_of_stream(session, dst)
@@ -1069,7 +1144,7 @@ def pump(session, src, dst, up, proxy):
             session.bytes_up += n
         else:
             session.bytes_down += n
-        session.last_active = time.monotonic()
+        session.last_active = monotonic()
 
 
 HAVE_SPLICE = hasattr(os, "splice") and sys.platform.startswith("linux")
@@ -1506,7 +1581,8 @@ class Proxy:
     def __init__(self, mappings=(), *, listen_host="0.0.0.0", resolver=None,
                  connect_timeout=DEFAULT_CONNECT_TIMEOUT, close_on_dns_change=False,
                  name=None, status_address=None, status_allow=(), backend_info=None,
-                 idle_timeout=None, allow=(), max_connections=0, splice=None):
+                 idle_timeout=None, allow=(), max_connections=0, splice=None,
+                 libc_io=None):
         self.listen_host = listen_host
         if splice is None:
             splice = HAVE_SPLICE and os.environ.get("TCPPROXY_SPLICE", "1") != "0"
@@ -1514,8 +1590,11 @@ class Proxy:
             raise ConfigError("splice needs Linux and Python 3.10 or newer")
         self.splice = bool(splice)
         self.pump = pump
+        if libc_io is None:
+            libc_io = os.environ.get("TCPPROXY_LIBC_IO", "1") != "0"
+        self.libc = _LibcIO.load() if libc_io else None
         # With splice, bulk reads bypass the buffers, so small ones will do.
-        self.buffers = _BufferPool(BULK_READ if splice else LARGE_BUFFER)
+        self.buffers = _BufferPool(BULK_READ if splice else LARGE_BUFFER, libc=self.libc)
         self.pipes = _PipePool() if splice else None
         self.workers = _WorkerPool()
         self.resolver = resolver if resolver is not None else Resolver()

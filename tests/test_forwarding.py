@@ -24,18 +24,29 @@ MB = 1 << 20
 try:
     import tcpproxy
     HAVE_SPLICE = tcpproxy.HAVE_SPLICE
+    HAVE_LIBC_IO = tcpproxy._LibcIO.load() is not None
 except ImportError:  # pragma: no cover
-    HAVE_SPLICE = False
+    HAVE_SPLICE = HAVE_LIBC_IO = False
+
+# Every forwarding test runs with each pump the proxy can use:
+#   splice   os.splice for bulk, libc recv/send for small reads (Linux, 3.10+)
+#   copy     libc recv/send only (Python 3.9 on Linux)
+#   sockets  socket.recv_into/sendall only (no ctypes, not Linux)
+PUMPS = {"splice": {"TCPPROXY_SPLICE": "1", "TCPPROXY_LIBC_IO": "1"},
+         "copy": {"TCPPROXY_SPLICE": "0", "TCPPROXY_LIBC_IO": "1"},
+         "sockets": {"TCPPROXY_SPLICE": "0", "TCPPROXY_LIBC_IO": "0"}}
+if not HAVE_SPLICE:
+    del PUMPS["splice"]
+if not HAVE_LIBC_IO:
+    del PUMPS["copy"]
 
 
-# Every forwarding test runs twice: with the splice pump (Linux, Python
-# 3.10+) and with the copy pump (what Python 3.9 and other platforms get).
-@pytest.fixture(params=["splice", "copy"] if HAVE_SPLICE else ["copy"])
+@pytest.fixture(params=sorted(PUMPS))
 def start_proxy(request, start_proxy):
-    use_splice = "1" if request.param == "splice" else "0"
+    pump_env = PUMPS[request.param]
 
     def start(*specs, env=None, **kwargs):
-        return start_proxy(*specs, env=dict(env or {}, TCPPROXY_SPLICE=use_splice), **kwargs)
+        return start_proxy(*specs, env=dict(env or {}, **pump_env), **kwargs)
 
     return start
 
