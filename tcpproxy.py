@@ -698,10 +698,14 @@ class Session:
                 except OSError:
                     pass
 
-    def close(self):
+    def close(self, libc=None):
         with self.lock:
             for sock in (self.client_sock, self.upstream_sock):
-                if sock is not None:
+                if sock is None:
+                    continue
+                if libc is not None:
+                    libc.close(sock)
+                else:
                     sock.close()
 
     def to_dict(self):
@@ -961,16 +965,31 @@ class _LibcIO:
         import ctypes                        # only when used: it costs 3 ms to import
         libc = ctypes.PyDLL(None, use_errno=True)
         self._ctypes = ctypes
+        # No argtypes: converting each argument through them costs more
+        # than the call.  Buffers are passed as c_void_p objects, all the
+        # rest as Python ints (C ints, widened by libffi; sizes are far
+        # below 2**31).
         self.recv, self.send = libc.recv, libc.send
-        for func in (self.recv, self.send):
-            func.argtypes = (ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
-            func.restype = ctypes.c_ssize_t
+        self.recv.restype = self.send.restype = ctypes.c_ssize_t
+        self._shutdown, self._close = libc.shutdown, libc.close
+        self._shutdown.restype = self._close.restype = ctypes.c_int
         self.get_errno = ctypes.get_errno
 
     def address(self, buf):
-        """Address of a bytearray's storage (it is never resized)."""
+        """A pointer to a bytearray's storage (it is never resized)."""
         ctypes = self._ctypes
-        return ctypes.addressof((ctypes.c_char * len(buf)).from_buffer(buf))
+        return ctypes.c_void_p(ctypes.addressof((ctypes.c_char * len(buf)).from_buffer(buf)))
+
+    def shutdown(self, sock, how):
+        """sock.shutdown(how), errors ignored: it never blocks."""
+        self._shutdown(sock.fileno(), how)
+
+    def close(self, sock):
+        """sock.close(): it does not block, as the proxy never sets a
+        SO_LINGER timeout (only an immediate reset)."""
+        fd = sock.detach()
+        if fd >= 0:
+            self._close(fd)
 
     @classmethod
     @functools.lru_cache(maxsize=None)
@@ -1027,10 +1046,13 @@ class _PipePool:
             self.discard(pipe)
 
 
-def _end_of_stream(session, dst):
+def _end_of_stream(session, dst, libc):
     # Half-close: pass EOF on.  When the other pump has ended already, the
     # close() that follows sends the FIN by itself.
     if session.closed_reason is None and session.pumps > 1:
+        if libc is not None:
+            libc.shutdown(dst, socket.SHUT_WR)
+            return
         try:
             dst.shutdown(socket.SHUT_WR)
         except OSError:
@@ -1138,7 +1160,7 @@ def pump(session, src, dst, up, proxy):
             put_buffer(entry)
             bulk = pipes is not None and n >= BULK_READ
         if not n:
-            _end_of_stream(session, dst)
+            _end_of_stream(session, dst, libc)
             return
         if up:
             session.bytes_up += n
@@ -1910,7 +1932,7 @@ class Proxy:
                      session.listen_port, _format_hostport(*session.client[:2]),
                      session.closed_reason or "done", session.bytes_up, session.bytes_down)
         self.registry.close(session)
-        session.close()
+        session.close(self.libc)
         server = server or session.server
         if server is not None:
             server.session_done()
@@ -2224,6 +2246,61 @@ def _resolver_address(text):
     return parse_hostport(text, default_port=53, what="resolver")
 
 
+def parse_cpus(text):
+    """--cpus: 'auto', 'all' or a list such as '3' or '0,2-3' -> 'auto', None or a set."""
+    text = text.strip().lower()
+    if text in ("auto", "all"):
+        return None if text == "all" else "auto"
+    cpus = set()
+    try:
+        for part in text.split(","):
+            low, _, high = part.partition("-")
+            low, high = int(low), int(high or low)
+            if low < 0 or high < low:
+                raise ValueError
+            cpus.update(range(low, high + 1))
+    except ValueError:
+        raise ValueError("invalid CPU list %r: use auto, all or numbers such as 1 or 0,2-3"
+                         % text) from None
+    return cpus
+
+
+def pin_cpus(spec):
+    """Bind this process to the CPUs *spec* names (see parse_cpus); return them.
+
+    'auto' picks one CPU, the last one the process may use.  Python runs
+    one thread at a time (the GIL), so a proxy cannot use more than about
+    one CPU; spread over several, every hand-over of the GIL between pump
+    threads becomes a cross-CPU wake-up, which costs more than the work
+    itself (2-2.5x the CPU per request and per connection, measured).
+    The process also switches to the SCHED_BATCH policy: a pump thread
+    woken by its socket then waits for the running one to block instead
+    of preempting it only to find the GIL taken.  None ('all') leaves
+    affinity and policy alone.  Call it before starting any thread:
+    threads inherit both from the thread that starts them.
+    """
+    if spec is None or not hasattr(os, "sched_setaffinity"):
+        return None
+    allowed = sorted(os.sched_getaffinity(0))
+    if spec == "auto":
+        cpus = {allowed[-1]}
+    else:
+        cpus = set(spec) & set(allowed)
+        if not cpus:
+            raise ConfigError("--cpus %s: this process may only use CPUs %s" % (
+                ",".join(map(str, sorted(spec))), ",".join(map(str, allowed))))
+    try:
+        os.sched_setaffinity(0, cpus)
+    except OSError as exc:
+        raise ConfigError("cannot bind to CPUs %s: %s" % (
+            ",".join(map(str, sorted(cpus))), exc.strerror)) from None
+    try:
+        os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
+    except (AttributeError, OSError) as exc:
+        log.debug("cannot use SCHED_BATCH: %s", exc)
+    return cpus
+
+
 def _backend_name(text):
     name = text.strip().lower()
     if name not in BACKENDS:
@@ -2284,6 +2361,10 @@ def build_parser():
     add("--drain-timeout", type=_arg_type(lambda t: 0.0 if float(t) == 0 else _positive_float(t)),
         default=10.0, metavar="SECONDS",
         help="on SIGTERM, let open connections finish for this long (default 10)")
+    add("--cpus", type=_arg_type(parse_cpus), default=os.environ.get("TCPPROXY_CPUS", "auto"),
+        metavar="LIST", help="CPUs to run on: auto (one CPU: the fastest for a Python "
+        "proxy), all (no binding) or a list such as 1 or 0,2-3 (default auto; env "
+        "TCPPROXY_CPUS)")
     add("--debug", type=_arg_type(_debug_level), default=0, metavar="{0,1,2}",
         help="0 warnings and errors, 1 adds connections, DNS and config changes, 2 everything")
     aws = parser.add_argument_group("backends")
@@ -2388,6 +2469,13 @@ def main(argv=None):
     logging.basicConfig(level=DEBUG_LEVELS[args.debug],
                         format="%(asctime)s %(levelname)s %(threadName)s: %(message)s")
     _raise_nofile_limit()
+    try:
+        cpus = pin_cpus(args.cpus)
+    except ConfigError as exc:
+        log.error("%s", exc)
+        return 2
+    if cpus:
+        log.info("running on CPU %s", ",".join(map(str, sorted(cpus))))
     try:
         threading.stack_size(THREAD_STACK_SIZE)
     except (ValueError, RuntimeError):
