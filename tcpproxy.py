@@ -2254,8 +2254,8 @@ def parse_cpus(text):
     cpus = set()
     try:
         for part in text.split(","):
-            low, _, high = part.partition("-")
-            low, high = int(low), int(high or low)
+            low, dash, high = part.partition("-")
+            low, high = int(low), int(high if dash else low)
             if low < 0 or high < low:
                 raise ValueError
             cpus.update(range(low, high + 1))

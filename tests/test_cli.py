@@ -1,6 +1,8 @@
 """The command line: every bad input, --version, --help, --debug levels,
 signals, the installed command, and running without dnspython."""
 
+import os
+import re
 import signal
 import socket
 import subprocess
@@ -48,6 +50,9 @@ BAD_INPUT = [
     pytest.param(OK_CONN + ["--connect-timeout", "soon"], ["soon"], id="connect-timeout-not-number"),
     pytest.param(OK_CONN + ["--connect-timeout", "-1"], ["-1"], id="connect-timeout-negative"),
     pytest.param(OK_CONN + ["--status", "127.0.0.1:notaport"], ["notaport"], id="status-bad-port"),
+    pytest.param(OK_CONN + ["--cpus", "fast"], ["fast"], id="cpus-not-a-list"),
+    pytest.param(OK_CONN + ["--cpus", "3-1"], ["3-1"], id="cpus-backwards-range"),
+    pytest.param(OK_CONN + ["--cpus", "4096"], ["4096"], id="cpus-not-available"),
 ]
 
 
@@ -215,6 +220,49 @@ def test_status_off_opens_no_status_port(start_proxy, echo):
     lport = free_port()
     p = start_proxy(spec(lport, LOOP4, echo.port), status=False)
     assert {port for _, port in listening(p.pid)} == {lport}
+
+
+def cpu_settings(pid):
+    """(CPUs the process may run on, its scheduling policy) from /proc."""
+    with open("/proc/%d/status" % pid) as f:
+        allowed = re.search(r"^Cpus_allowed_list:\s*(\S+)", f.read(), re.M).group(1)
+    with open("/proc/%d/sched" % pid) as f:
+        policy = int(re.search(r"^policy\s*:\s*(\d+)", f.read(), re.M).group(1))
+    return tcpproxy.parse_cpus(allowed), policy
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="Linux only")
+def test_cpus_auto_binds_one_cpu_with_batch_policy(start_proxy, echo):
+    """By default the proxy runs on one CPU (the last it may use) with the
+    SCHED_BATCH policy, and so do the threads it starts later."""
+    lport = free_port()
+    p = start_proxy(spec(lport, LOOP4, echo.port))
+    assert echo_once((LOOP4, lport)) == b"hello"
+    mine = sorted(os.sched_getaffinity(0))
+    assert cpu_settings(p.pid) == ({mine[-1]}, os.SCHED_BATCH)
+    for tid in os.listdir("/proc/%d/task" % p.pid):
+        assert cpu_settings(int(tid)) == ({mine[-1]}, os.SCHED_BATCH), tid
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="Linux only")
+def test_cpus_all_and_list(start_proxy, echo):
+    mine = os.sched_getaffinity(0)
+    p = start_proxy(spec(free_port(), LOOP4, echo.port), extra=["--cpus", "all"])
+    assert cpu_settings(p.pid) == (mine, os.SCHED_OTHER)
+    first = min(mine)
+    p = start_proxy(spec(free_port(), LOOP4, echo.port), extra=["--cpus", str(first)])
+    assert cpu_settings(p.pid) == ({first}, os.SCHED_BATCH)
+    p = start_proxy(spec(free_port(), LOOP4, echo.port), env={"TCPPROXY_CPUS": "all"})
+    assert cpu_settings(p.pid)[0] == mine
+
+
+def test_parse_cpus():
+    assert tcpproxy.parse_cpus("auto") == "auto"
+    assert tcpproxy.parse_cpus("ALL") is None
+    assert tcpproxy.parse_cpus("0,2-4,7") == {0, 2, 3, 4, 7}
+    for bad in ("", "x", "1-", "-1", "2-1", "1,,2"):
+        with pytest.raises(ValueError):
+            tcpproxy.parse_cpus(bad)
 
 
 def test_status_default_is_loopback_8001(proxy_cli, echo):

@@ -3,6 +3,7 @@ apply, connections, status, stop) in this process, with thread and
 descriptor counts back to their baseline afterwards."""
 
 import socket
+import sys
 import threading
 
 import pytest
@@ -257,3 +258,17 @@ def test_proxy_with_resolver(dns_server, upstream_pair):
                resolver=resolver, connect_timeout=2.0):
         assert banner_via((LOOP4, lport)) == b"B"
         assert dns_server.queries("svc.example.test") >= 1
+
+
+def test_libc_io_is_optional(monkeypatch):
+    """Small reads go through libc recv/send on Linux; libc_io=False or
+    TCPPROXY_LIBC_IO=0 keeps to the socket methods (the forwarding tests
+    run every case both ways)."""
+    assert Proxy([], libc_io=False).libc is None
+    if sys.platform.startswith("linux"):
+        proxy = Proxy([])
+        assert proxy.libc is not None
+        buf, address = proxy.buffers.get()
+        assert address.value and len(buf) == proxy.buffers.size
+    monkeypatch.setenv("TCPPROXY_LIBC_IO", "0")
+    assert Proxy([]).libc is None
