@@ -28,7 +28,7 @@ __all__ = [
     "ProxyError", "ConfigError", "BackendError", "ResolveError",
     "Mapping", "parse_connections", "Resolver", "Registry", "Session",
     "ProxyServer", "StatusServer", "Proxy", "BackendPoller", "load_backend",
-    "main",
+    "parse_cpus", "pin_cpus", "main",
 ]
 
 import argparse
@@ -963,7 +963,7 @@ class _LibcIO:
 
     def __init__(self):
         import ctypes                        # only when used: it costs 3 ms to import
-        libc = ctypes.PyDLL(None, use_errno=True)
+        libc = ctypes.PyDLL(None)
         self._ctypes = ctypes
         # No argtypes: converting each argument through them costs more
         # than the call.  Buffers are passed as c_void_p objects, all the
@@ -973,7 +973,13 @@ class _LibcIO:
         self.recv.restype = self.send.restype = ctypes.c_ssize_t
         self._shutdown, self._close = libc.shutdown, libc.close
         self._shutdown.restype = self._close.restype = ctypes.c_int
-        self.get_errno = ctypes.get_errno
+        # errno is read from the C library's own per-thread variable: ctypes'
+        # use_errno copy would cost every pump thread a dictionary (0.4 KiB
+        # per idle connection).  Only integers are made between the failed
+        # call and the read, so nothing else can change errno meanwhile.
+        errno_location = getattr(libc, "__errno_location")   # no name mangling
+        errno_location.restype = ctypes.POINTER(ctypes.c_int)
+        self.get_errno = lambda: errno_location()[0]
 
     def address(self, buf):
         """A pointer to a bytearray's storage (it is never resized)."""
@@ -2266,7 +2272,8 @@ def parse_cpus(text):
 
 
 def pin_cpus(spec):
-    """Bind this process to the CPUs *spec* names (see parse_cpus); return them.
+    """Bind this process to the CPUs *spec* names (a parse_cpus() result or
+    its text); return them.
 
     'auto' picks one CPU, the last one the process may use.  Python runs
     one thread at a time (the GIL), so a proxy cannot use more than about
@@ -2279,6 +2286,8 @@ def pin_cpus(spec):
     affinity and policy alone.  Call it before starting any thread:
     threads inherit both from the thread that starts them.
     """
+    if isinstance(spec, str):
+        spec = parse_cpus(spec)
     if spec is None or not hasattr(os, "sched_setaffinity"):
         return None
     allowed = sorted(os.sched_getaffinity(0))

@@ -2,6 +2,8 @@
 apply, connections, status, stop) in this process, with thread and
 descriptor counts back to their baseline afterwards."""
 
+import errno
+import os
 import socket
 import sys
 import threading
@@ -272,3 +274,35 @@ def test_libc_io_is_optional(monkeypatch):
         assert address.value and len(buf) == proxy.buffers.size
     monkeypatch.setenv("TCPPROXY_LIBC_IO", "0")
     assert Proxy([]).libc is None
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_getaffinity"), reason="Linux only")
+def test_library_leaves_cpu_binding_alone():
+    """Only the command binds itself to a CPU (--cpus); a Proxy does not."""
+    before = os.sched_getaffinity(0), os.sched_getscheduler(0)
+    with Proxy([]) as proxy:
+        assert proxy.status()["state"] == "running"
+        assert (os.sched_getaffinity(0), os.sched_getscheduler(0)) == before
+    assert tcpproxy.pin_cpus("all") is None
+    assert (os.sched_getaffinity(0), os.sched_getscheduler(0)) == before
+
+
+@pytest.mark.skipif(tcpproxy._LibcIO.load() is None, reason="libc I/O is Linux only")
+def test_libc_io_moves_bytes_and_reports_errno():
+    io = tcpproxy._LibcIO.load()
+    pool = tcpproxy._BufferPool(4096, libc=io)
+    buf, address = pool.get()
+    a, b = socket.socketpair()
+    with a, b:
+        assert io.recv(a.fileno(), address, 4096, io.FLAGS_RECV) == -1
+        assert io.get_errno() == errno.EAGAIN         # never blocks
+        b.sendall(b"ping")
+        assert io.recv(a.fileno(), address, 4096, io.FLAGS_RECV) == 4
+        assert bytes(buf[:4]) == b"ping"
+        assert io.send(a.fileno(), address, 4, io.FLAGS_SEND) == 4
+        assert b.recv(16) == b"ping"
+        assert io.send(-1, address, 4, io.FLAGS_SEND) == -1
+        assert io.get_errno() == errno.EBADF
+        b.close()
+        assert io.send(a.fileno(), address, 4, io.FLAGS_SEND) == -1   # no SIGPIPE
+        assert io.get_errno() == errno.EPIPE
