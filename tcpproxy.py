@@ -126,6 +126,17 @@ class ResolveError(ProxyError):
 
 @functools.lru_cache(maxsize=1024)
 def _is_ip(text):
+    # inet_pton first: ipaddress is slow and nests the interpreter deeply
+    # (it runs for every new connection); it is still the judge of scoped
+    # IPv6 addresses (fe80::1%eth0), which inet_pton refuses.
+    for family in (socket.AF_INET, socket.AF_INET6):
+        try:
+            socket.inet_pton(family, text)
+            return True
+        except (OSError, ValueError):
+            pass
+    if "%" not in text:
+        return False
     try:
         ipaddress.ip_address(text)
     except ValueError:
@@ -827,10 +838,25 @@ class ProxyHandler(socketserver.BaseRequestHandler):
     upstream -> client.  EOF on one side becomes shutdown(SHUT_WR) on the
     other (half-close); a reset on either side resets the other.  Whichever
     pump ends last closes the session, so neither waits for the other.
-    ``handed_off`` tells the server that the pumps own the client socket.
+    ``handed_off`` tells the server that the pumps own the client socket
+    and that it must call pump_up().
     """
 
     handed_off = False
+    up = None
+
+    def __init__(self, request, client_address, server, partner=None):
+        # Unlike socketserver's, this constructor does not run handle():
+        # ProxyServer._process() calls handle() and then pump_up().  Each
+        # call through a constructor (or a call with *args) nests the C
+        # interpreter loop once more, and a thread keeps every stack page
+        # it ever touched: calling from plain Python frames keeps the first
+        # pump's thread at two pages of stack instead of three (4 KiB less
+        # per connection).
+        self.request = request
+        self.client_address = client_address
+        self.server = server
+        self.partner = partner           # a reserved worker for the second pump
 
     def handle(self):
         server = self.server
@@ -875,6 +901,8 @@ class ProxyHandler(socketserver.BaseRequestHandler):
                 proxy.finish_session(session)
 
     def _start_pumps(self, session, client, upstream, proxy):
+        """Start the upstream -> client pump on another worker; the caller's
+        thread pumps client -> upstream (pump_up())."""
         pump = proxy.pump
         name = threading.current_thread().name
 
@@ -887,15 +915,24 @@ class ProxyHandler(socketserver.BaseRequestHandler):
                     proxy.finish_session(session)
 
         try:
-            proxy.workers.submit(down)
+            if self.partner is not None:
+                proxy.workers.run_on(self.partner, down)
+            else:
+                proxy.workers.submit(down)
         except RuntimeError as exc:  # can't start new thread
             _ratelimited.log(logging.ERROR, "pump-thread", "cannot start a pump thread (%s): "
                              "closing %s", exc, _format_hostport(*session.client[:2]))
             session.abort("no thread")
             return
         self.handed_off = True
+        self.up = (session, client, upstream, proxy)
+
+    def pump_up(self):
+        """Pump client -> upstream on this thread, once handle() has
+        returned (ProxyServer._process calls it)."""
+        session, client, upstream, proxy = self.up
         try:
-            pump(session, client, upstream, True, proxy)
+            proxy.pump(session, client, upstream, True, proxy)
         finally:
             if session.pump_ended():
                 proxy.finish_session(session)
@@ -972,7 +1009,8 @@ class _LibcIO:
         self.recv, self.send = libc.recv, libc.send
         self.recv.restype = self.send.restype = ctypes.c_ssize_t
         self._shutdown, self._close = libc.shutdown, libc.close
-        self._shutdown.restype = self._close.restype = ctypes.c_int
+        self._setsockopt = libc.setsockopt
+        self._shutdown.restype = self._close.restype = self._setsockopt.restype = ctypes.c_int
         # errno is read from the C library's own per-thread variable: ctypes'
         # use_errno copy would cost every pump thread a dictionary (0.4 KiB
         # per idle connection).  Only integers are made between the failed
@@ -985,6 +1023,14 @@ class _LibcIO:
         """A pointer to a bytearray's storage (it is never resized)."""
         ctypes = self._ctypes
         return ctypes.c_void_p(ctypes.addressof((ctypes.c_char * len(buf)).from_buffer(buf)))
+
+    def setsockopt(self, sock, level, name, value):
+        """sock.setsockopt(level, name, value) for a bytes *value*.  Python's
+        own tries to parse an int first and fails, which takes a page more
+        of the thread's stack, for good (4 KiB per connection)."""
+        if self._setsockopt(sock.fileno(), level, name, value, len(value)) != 0:
+            err = self.get_errno()
+            raise OSError(err, os.strerror(err))
 
     def shutdown(self, sock, how):
         """sock.shutdown(how), errors ignored: it never blocks."""
@@ -1189,13 +1235,28 @@ def _failed(session, exc, side):
                   reset=True)
 
 
+class _Worker(threading.Thread):
+    """A pool thread.  run() is overridden rather than given a target:
+    Thread.run() calls its target with *args, which nests the C interpreter
+    loop once more, and a thread keeps every stack page it ever touched."""
+
+    def __init__(self, pool, name):
+        super().__init__(name=name)
+        self.pool = pool
+
+    def run(self):
+        self.pool._run()
+
+
 class _WorkerPool:
     """Reusable threads: a task given to submit() starts at once, on an
-    idle worker or on a new thread.  reap(), called by every listener's
-    serve_forever() loop, retires workers idle for *idle_timeout* seconds
-    (or beyond *keep* idle ones) a few at a time: thousands of threads
-    ending at once make CPython's GIL thrash for seconds.  close() wakes
-    idle workers and joins them all.
+    idle worker or on a new thread.  reserve() takes a parked worker out
+    of the pool for a task to come: run_on() starts it, give_back() parks
+    it again.  reap(), called by every listener's serve_forever() loop,
+    retires workers idle for *idle_timeout* seconds (or beyond *keep* idle
+    ones) a few at a time: thousands of threads ending at once make
+    CPython's GIL thrash for seconds.  close() wakes idle and reserved
+    workers and joins them all.
 
     Creating two threads per connection costs more than the connection
     itself under churn; parked workers cost a little memory instead.
@@ -1208,58 +1269,86 @@ class _WorkerPool:
         self.reap_batch = reap_batch
         self.lock = threading.Lock()
         self._idle = collections.deque()  # parked workers, oldest on the left
+        self._reserved = set()
         self._all = set()
         self._ids = itertools.count(1)
         self._closed = False
 
     def submit(self, func, *args):
         """Run func(*args) on a worker; RuntimeError if no thread can start."""
+        self.run_on(self.reserve(), func, *args)
+
+    def reserve(self):
+        """A parked worker set aside for run_on() or give_back(); RuntimeError
+        if no thread can start.  Starting a thread touches one more page
+        (4 KiB) of the starting thread's stack for good, so listeners
+        reserve the worker of each connection's second pump, rather than
+        leaving the first pump's thread to start it."""
         with self.lock:
             if self._closed:
                 raise RuntimeError("worker pool is closed")
-            if self._idle:
-                worker = self._idle.pop()
-                worker.task = (func, args)
-                worker.wake.release()
+            worker = self._idle.pop() if self._idle else None
+            if worker is None:
+                worker = _Worker(self, name="%s-%d" % (self.name, next(self._ids)))
+                worker.task = None
+                worker.wake = threading.Lock()   # held while parked; release() wakes
+                worker.wake.acquire()
+                self._all.add(worker)
+            self._reserved.add(worker)
+        if not worker.is_alive():
+            try:
+                worker.start()
+            except RuntimeError:
+                with self.lock:
+                    self._all.discard(worker)
+                    self._reserved.discard(worker)
+                raise
+        return worker
+
+    def run_on(self, worker, func, *args):
+        """Start func(*args) on a reserved worker; RuntimeError once closed."""
+        with self.lock:
+            if worker not in self._reserved:
+                raise RuntimeError("worker pool is closed")
+            self._reserved.discard(worker)
+        worker.task = (func, args)
+        worker.wake.release()
+
+    def give_back(self, worker):
+        """Park a reserved worker that was not used (no-op for any other)."""
+        with self.lock:
+            if worker not in self._reserved:
                 return
-            worker = threading.Thread(target=self._run, name="%s-%d" % (self.name, next(self._ids)))
-            worker.task = (func, args)
-            worker.wake = threading.Lock()   # held while parked; release() wakes
-            worker.wake.acquire()
-            self._all.add(worker)
-        try:
-            worker.start()
-        except RuntimeError:
-            with self.lock:
-                self._all.discard(worker)
-            raise
+            self._reserved.discard(worker)
+            if not self._closed:
+                worker.parked = time.monotonic()
+                self._idle.append(worker)
+                return
+        worker.wake.release()            # closed: its task is None, it ends
 
     def _run(self):
         me = threading.current_thread()
         base = me.name
-        task = me.task
         try:
-            while task is not None:
-                me.task = None
+            while True:
+                me.wake.acquire()            # parked until run_on(), reap() or close()
+                task, me.task = me.task, None
+                if task is None:
+                    return
                 func, args = task
                 try:
-                    func(*args)
+                    func(*args) if args else func()   # func(): no nested C loop
                 except Exception:  # noqa: BLE001 - a worker must survive its task
                     log.exception("unexpected error in %s", me.name)
                 me.name = base
-                task = self._park(me)
+                with self.lock:
+                    if self._closed:
+                        return
+                    me.parked = time.monotonic()
+                    self._idle.append(me)
         finally:
             with self.lock:
                 self._all.discard(me)
-
-    def _park(self, me):
-        with self.lock:
-            if self._closed:
-                return None
-            me.parked = time.monotonic()
-            self._idle.append(me)
-        me.wake.acquire()
-        return me.task                    # None: retired by reap() or close()
 
     def reap(self):
         """Retire a few workers idle for too long (or beyond *keep*)."""
@@ -1282,11 +1371,13 @@ class _WorkerPool:
             return list(self._all)
 
     def close(self, deadline):
-        """Stop parked workers and join every worker until *deadline*."""
+        """Stop parked and reserved workers and join every worker until *deadline*."""
         with self.lock:
             self._closed = True
-            idle, self._idle = self._idle, collections.deque()
-        for worker in idle:
+            parked = list(self._idle) + list(self._reserved)
+            self._idle, self._reserved = collections.deque(), set()
+        for worker in parked:
+            worker.task = None
             worker.wake.release()
         for worker in self.threads():
             if worker is not threading.current_thread():
@@ -1372,9 +1463,15 @@ class ProxyServer(socketserver.ThreadingTCPServer):
     def process_request(self, request, client_address):
         with self._idle:
             self._active += 1
+        workers = self.proxy.workers
+        partner = None
         try:
-            self.proxy.workers.submit(self._process, request, client_address)
+            partner = workers.reserve()      # for its second pump: see reserve()
+            # A closure, not submit(func, *args): see ProxyHandler.__init__.
+            workers.submit(lambda: self._process(request, client_address, partner))
         except RuntimeError as exc:     # can't start new thread
+            if partner is not None:
+                workers.give_back(partner)
             self.session_done()
             _ratelimited.log(logging.ERROR, ("thread", self.port),
                              "%d: cannot start a thread (%s): closing client %s", self.port, exc,
@@ -1382,17 +1479,21 @@ class ProxyServer(socketserver.ThreadingTCPServer):
             _reset_close(request)
             self._stopping.wait(ACCEPT_BACKOFF)
 
-    def _process(self, request, client_address):
+    def _process(self, request, client_address, partner=None):
         threading.current_thread().name = "tcpproxy-%d-%s" % (self.port, client_address[1])
-        handed_off = False
+        handler = ProxyHandler(request, client_address, self, partner)
         try:
-            handed_off = ProxyHandler(request, client_address, self).handed_off
+            handler.handle()
         except Exception:  # noqa: BLE001 - logged, the server serves on
             self.handle_error(request, client_address)
         finally:
-            if not handed_off:
+            if not handler.handed_off:
+                if partner is not None:
+                    self.proxy.workers.give_back(partner)
                 self.close_request(request)
                 self.session_done()
+        if handler.handed_off:
+            handler.pump_up()
 
     def session_done(self):
         """One accepted client is finished (its pumps ended or it never
@@ -1901,9 +2002,11 @@ class Proxy:
             try:
                 # SO_SNDTIMEO bounds a blocking connect() (EINPROGRESS when it
                 # expires): two syscalls instead of settimeout()'s four fcntl.
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, self._connect_timeval)
+                setsockopt = sock.setsockopt if self.libc is None else functools.partial(
+                    self.libc.setsockopt, sock)
+                setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, self._connect_timeval)
                 sock.connect((address, mapping.port))
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _TIMEVAL_ZERO)
+                setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _TIMEVAL_ZERO)
             except OSError as exc:
                 with session.lock:
                     session.upstream_sock = None

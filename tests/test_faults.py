@@ -746,17 +746,23 @@ def test_thread_exhaustion_closes_the_client_and_recovers(echo, caplog, monkeypa
     mapping = tcpproxy.Mapping(free_port(), LOOP4, echo.port)
     with tcpproxy.Proxy([mapping], listen_host=LOOP4) as proxy:
         addr = (LOOP4, mapping.listen_port)
-        real_submit = proxy.workers.submit
+        real_reserve, real_run_on = proxy.workers.reserve, proxy.workers.run_on
         fail = {"handler": 0, "pump": 0}
 
-        def submit(func, *args):
-            kind = "handler" if args else "pump"       # handlers get (request, address)
-            if fail[kind]:
-                fail[kind] -= 1
+        def reserve():                   # the listener takes workers for each client
+            if fail["handler"]:
+                fail["handler"] -= 1
                 raise RuntimeError("can't start new thread")
-            return real_submit(func, *args)
+            return real_reserve()
 
-        monkeypatch.setattr(proxy.workers, "submit", submit)
+        def run_on(worker, func, *args):  # the first pump starts the second ("down")
+            if func.__name__ == "down" and fail["pump"]:
+                fail["pump"] -= 1
+                raise RuntimeError("can't start new thread")
+            return real_run_on(worker, func, *args)
+
+        monkeypatch.setattr(proxy.workers, "reserve", reserve)
+        monkeypatch.setattr(proxy.workers, "run_on", run_on)
         assert echo_once(addr, b"ok") == b"ok"
         fail["handler"] = 3
         for _ in range(3):

@@ -7,6 +7,7 @@ import os
 import socket
 import sys
 import threading
+import time
 
 import pytest
 from hypothesis import given, settings, strategies as st
@@ -306,3 +307,26 @@ def test_libc_io_moves_bytes_and_reports_errno():
         b.close()
         assert io.send(a.fileno(), address, 4, io.FLAGS_SEND) == -1   # no SIGPIPE
         assert io.get_errno() == errno.EPIPE
+
+
+def test_worker_pool_reserve_run_give_back_close():
+    """Reserved workers run a task, go back parked, and end at close()."""
+    pool = tcpproxy._WorkerPool(name="test-worker")
+    ran = threading.Event()
+    worker = pool.reserve()
+    pool.run_on(worker, ran.set)
+    assert ran.wait(5)
+    assert wait_until(lambda: pool.idle() == 1, 5)
+    again = pool.reserve()                    # the parked one is reused
+    assert again is worker and pool.idle() == 0
+    pool.give_back(again)
+    assert pool.idle() == 1
+    spare = pool.reserve()
+    unused = pool.reserve()                   # a new thread, parked, never given a task
+    pool.give_back(spare)
+    assert pool.close(time.monotonic() + 5) == []
+    assert not unused.is_alive() and not worker.is_alive()
+    with pytest.raises(RuntimeError):
+        pool.run_on(unused, ran.set)
+    with pytest.raises(RuntimeError):
+        pool.reserve()
