@@ -29,9 +29,13 @@ run_scaling() {
 }
 
 run_churn60() {
-    # Churn sustained for 60 s: conn/s must not degrade nor RSS creep.
+    # Churn sustained for 60 s beside haproxy, then 12 x 5 s against one proxy
+    # with RSS, threads and descriptors after each interval (churn_trend.py):
+    # conn/s must not degrade nor RSS creep, and threads and descriptors must
+    # come back once the load stops.
     "${bench[@]}" --only churn --seconds 60 --peers haproxy --cmd "$cmd" --name tcpproxy \
         --json "$out/churn60.json" "$@" | tee "$out/churn60.md"
+    "$py" tests/perf/churn_trend.py --python "$py" | tee "$out/churn-trend.md"
 }
 
 case "$what" in
