@@ -2245,7 +2245,7 @@ class BackendPoller:
         try:
             self.proxy.apply(mappings)
         except ConfigError as exc:
-            for spec, reason in exc.failures.items():
+            for reason in exc.failures.values():
                 log.error("backend %s: %s", self.backend.name, reason)
             self.last_ok = now
             return self._record(True, None, partial=str(exc))
