@@ -2002,11 +2002,9 @@ class Proxy:
             try:
                 # SO_SNDTIMEO bounds a blocking connect() (EINPROGRESS when it
                 # expires): two syscalls instead of settimeout()'s four fcntl.
-                setsockopt = sock.setsockopt if self.libc is None else functools.partial(
-                    self.libc.setsockopt, sock)
-                setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, self._connect_timeval)
+                self._send_timeout(sock, self._connect_timeval)
                 sock.connect((address, mapping.port))
-                setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _TIMEVAL_ZERO)
+                self._send_timeout(sock, _TIMEVAL_ZERO)
             except OSError as exc:
                 with session.lock:
                     session.upstream_sock = None
@@ -2033,6 +2031,13 @@ class Proxy:
                          mapping, "; ".join(errors) or "no address")
         session.abort("upstream unreachable", reset=True)
         return None
+
+    def _send_timeout(self, sock, timeval):
+        """Set SO_SNDTIMEO (through libc when it is there: see _LibcIO.setsockopt)."""
+        if self.libc is not None:
+            self.libc.setsockopt(sock, socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
+        else:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
 
     def finish_session(self, session, server=None):
         """Close *session* for good: log, unregister, close both sockets."""
