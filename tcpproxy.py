@@ -21,11 +21,34 @@ or drive it from Python::
 
 The module has no import-time side effects; only ``main()`` configures
 logging, signal handlers and resource limits.
+
+Map of this file, in the order a connection's data flows through it:
+
+    Constants and errors   tunables, the errno sets, the ProxyError tree
+    Validation             one function per kind of value: check_port,
+                           parse_hostport, parse_allow, check_limit,
+                           check_unique_ports (CLI, backends and Mapping alike)
+    Mapping                Mapping (one LPORT:HOST:RPORT) and parse_connections
+    Resolver               TTL-obeying DNS cache that serves stale answers
+    Registry and Session   the one owner of live sessions and their counters;
+                           DnsChangeWatcher (--close-on-dns-change)
+    Connection             serve_client(): connect upstream (connect_upstream,
+                           the address fail-over loop), start the pumps,
+                           close; pump() moves one direction's bytes
+    Threads                _WorkerPool: parked, reusable pump threads
+    Servers                ProxyServer (a mapping's listener: allow list,
+                           limits, hand-off to serve_client), StatusServer
+                           with /status and /connections and their JSON
+    Proxy                  lifecycle (start, stop, drain) and apply()
+    Backends               StaticBackend, load_backend, BackendPoller
+    Linux fast paths       libc recv/send, splice pipes, buffers, CPU pinning
+    CLI                    flags, signals, main()
 """
 
 __version__ = "1.0.0"
 __all__ = [
     "ProxyError", "ConfigError", "BackendError", "ResolveError",
+    "check_port", "parse_hostport", "parse_allow", "check_limit", "check_unique_ports",
     "Mapping", "parse_connections", "Resolver", "Registry", "Session",
     "ProxyServer", "StatusServer", "Proxy", "BackendPoller", "load_backend",
     "parse_cpus", "pin_cpus", "main",
@@ -65,7 +88,7 @@ except ImportError:  # pragma: no cover - exercised by a subprocess test
 
 log = logging.getLogger("tcpproxy")
 
-# Constants ###################################################################
+# Constants and errors ########################################################
 
 BACKENDS = ("static", "dynamodb", "elasticache", "file")
 DEFAULT_STATUS_ADDRESS = "127.0.0.1:8001"
@@ -85,19 +108,22 @@ ACCEPT_BACKOFF = 0.1               # pause after EMFILE/ENFILE or no thread
 THREAD_STACK_SIZE = 256 * 1024     # set by main() only
 SWITCH_INTERVAL = 0.05             # sys.setswitchinterval(), by main() only
 DEBUG_LEVELS = (logging.WARNING, logging.INFO, logging.DEBUG)
+HAVE_SPLICE = hasattr(os, "splice") and sys.platform.startswith("linux")
 SPLICE_F_MOVE = getattr(os, "SPLICE_F_MOVE", 1)
 SPLICE_F_NONBLOCK = getattr(os, "SPLICE_F_NONBLOCK", 2)
 F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
-
-# Errors that mean "the peer went away": logged at debug, never re-raised.
-NET_ERRS = (errno.ECONNRESET, errno.EPIPE, errno.ECONNABORTED, errno.ETIMEDOUT,
-            errno.EHOSTUNREACH, errno.ENETUNREACH, errno.ENOTCONN, errno.EBADF,
-            errno.ESHUTDOWN)
 _TIMEVAL_ZERO = struct.pack("ll", 0, 0)
-EXHAUSTION_ERRS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
+_LINGER_RESET = struct.pack("ii", 1, 0)     # SO_LINGER on, 0 s: close() resets
 
+# Errors that mean "the peer went away" (or was never there): logged at
+# debug level.  Any other errno on a session's socket (EBADF, ENOTCONN,
+# EINVAL, ...) means a bug in the proxy and is logged as an error.
+NET_ERRS = frozenset((errno.ECONNRESET, errno.EPIPE, errno.ECONNABORTED, errno.ETIMEDOUT,
+                      errno.EHOSTUNREACH, errno.ENETUNREACH, errno.ECONNREFUSED,
+                      errno.ESHUTDOWN))
+# accept() failures that mean "out of descriptors or memory".
+EXHAUSTION_ERRS = frozenset((errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM))
 
-# Exceptions ##################################################################
 
 class ProxyError(Exception):
     """A tcpproxy error."""
@@ -120,112 +146,6 @@ class BackendError(ProxyError):
 
 class ResolveError(ProxyError):
     """The name has no usable address."""
-
-
-# Helpers #####################################################################
-
-@functools.lru_cache(maxsize=1024)
-def _is_ip(text):
-    # inet_pton first: ipaddress is slow and nests the interpreter deeply
-    # (it runs for every new connection); it is still the judge of scoped
-    # IPv6 addresses (fe80::1%eth0), which inet_pton refuses.
-    for family in (socket.AF_INET, socket.AF_INET6):
-        try:
-            socket.inet_pton(family, text)
-            return True
-        except (OSError, ValueError):
-            pass
-    if "%" not in text:
-        return False
-    try:
-        ipaddress.ip_address(text)
-    except ValueError:
-        return False
-    return True
-
-
-_HOSTNAME = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9_]([A-Za-z0-9_-]{0,62})"
-                       r"(\.[A-Za-z0-9_]([A-Za-z0-9_-]{0,62}))*\.?$")
-
-
-def _port(text, what, spec, minimum=1):
-    try:
-        value = int(text)
-    except (TypeError, ValueError):
-        raise ConfigError("invalid connection %r: %s %r is not a number"
-                          % (spec, what, text)) from None
-    if not minimum <= value <= 65535:
-        raise ConfigError("invalid connection %r: %s %d is out of range %d-65535"
-                          % (spec, what, value, minimum))
-    return value
-
-
-def _format_hostport(host, port):
-    return "[%s]:%s" % (host, port) if ":" in host else "%s:%s" % (host, port)
-
-
-def parse_hostport(text, default_host="127.0.0.1", default_port=None, what="address"):
-    """Parse ``HOST:PORT``, ``[V6]:PORT``, ``:PORT`` or ``PORT`` (or ``HOST``
-    when *default_port* is given).  Returns ``(host, port)``; raises
-    ValueError naming *text*."""
-    text = text.strip()
-    m = re.match(r"^\[([^\]]+)\](?::(\d+))?$", text)
-    if m:
-        host, port = m.group(1), m.group(2)
-    elif text.count(":") == 1:
-        host, port = text.split(":")
-    elif text.count(":") > 1:            # bare IPv6 literal, no port
-        host, port = text, None
-    elif text.isdigit():
-        host, port = "", text
-    else:
-        host, port = text, None
-    if port is None:
-        if default_port is None:
-            raise ValueError("invalid %s %r: no port" % (what, text))
-        port = default_port
-    try:
-        port = int(port)
-    except ValueError:
-        raise ValueError("invalid %s %r: bad port" % (what, text)) from None
-    if not 0 < port < 65536:
-        raise ValueError("invalid %s %r: port out of range 1-65535" % (what, text))
-    host = host or default_host
-    if not (_is_ip(host) or host == "localhost"):
-        raise ValueError("invalid %s %r: %r is not an IP address" % (what, text, host))
-    return host, port
-
-
-def _networks(values, what="--allow"):
-    nets = []
-    for value in values or ():
-        if isinstance(value, (ipaddress.IPv4Network, ipaddress.IPv6Network)):
-            nets.append(value)
-            continue
-        for part in re.split(r"[,\s]+", str(value).strip()):
-            if not part:
-                continue
-            try:
-                nets.append(ipaddress.ip_network(part, strict=False))
-            except ValueError:
-                raise ConfigError("invalid %s network %r" % (what, part)) from None
-    return tuple(nets)
-
-
-def _iso(timestamp):
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(timestamp))
-
-
-def _allowed(address, networks):
-    if not networks:
-        return True
-    try:
-        ip = ipaddress.ip_address(address.split("%", 1)[0])
-    except ValueError:
-        return False
-    if ip.version == 6 and ip.ipv4_mapped:
-        ip = ip.ipv4_mapped
-    return any(ip in net for net in networks)
 
 
 class _RateLimiter:
@@ -255,6 +175,160 @@ class _RateLimiter:
 _ratelimited = _RateLimiter()
 
 
+def _iso(timestamp):
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(timestamp))
+
+
+# Validation ##################################################################
+#
+# One function per kind of value.  The CLI, the YAML and DynamoDB loaders,
+# the ElastiCache backend and Mapping all call these, so a bad value gets
+# the same ConfigError wording wherever it came from.
+
+@functools.lru_cache(maxsize=1024)
+def _is_ip(text):
+    # inet_pton first: ipaddress is slow and nests the interpreter deeply
+    # (it runs for every new connection); it is still the judge of scoped
+    # IPv6 addresses (fe80::1%eth0), which inet_pton refuses.
+    for family in (socket.AF_INET, socket.AF_INET6):
+        try:
+            socket.inet_pton(family, text)
+            return True
+        except (OSError, ValueError):
+            pass
+    if "%" not in text:
+        return False
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
+_HOSTNAME = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9_]([A-Za-z0-9_-]{0,62})"
+                       r"(\.[A-Za-z0-9_]([A-Za-z0-9_-]{0,62}))*\.?$")
+_DIGITS = re.compile(r"[0-9]+")
+
+
+def _format_hostport(host, port):
+    return "[%s]:%s" % (host, port) if ":" in host else "%s:%s" % (host, port)
+
+
+def check_port(value, what="port", minimum=1):
+    """Return *value* (an int, or a string of ASCII digits) as a port
+    number from *minimum* to 65535; raise ConfigError naming *what*."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        number = value
+    elif isinstance(value, str) and _DIGITS.fullmatch(value.strip()):
+        number = int(value.strip())
+    else:
+        raise ConfigError("%s %r is not a port number (%d-65535)" % (what, value, minimum))
+    if not minimum <= number <= 65535:
+        raise ConfigError("%s %r is not a port number (%d-65535)" % (what, value, minimum))
+    return number
+
+
+def parse_hostport(text, default_host="127.0.0.1", default_port=None, what="address"):
+    """Parse ``HOST:PORT``, ``[V6]:PORT``, ``:PORT`` or ``PORT`` (or ``HOST``
+    when *default_port* is given); HOST must be an IP address or
+    ``localhost``.  Returns ``(host, port)``; raises ConfigError naming
+    *text*."""
+    text = str(text).strip()
+    m = re.match(r"^\[([^\]]+)\](?::([^:]*))?$", text)
+    if m:
+        host, port = m.group(1), m.group(2)
+    elif text.count(":") == 1:
+        host, port = text.split(":")
+    elif text.count(":") > 1:            # bare IPv6 literal, no port
+        host, port = text, None
+    elif _DIGITS.fullmatch(text):
+        host, port = "", text
+    else:
+        host, port = text, None
+    if port is None:
+        if default_port is None:
+            raise ConfigError("invalid %s %r: no port" % (what, text))
+        port = default_port
+    try:
+        port = check_port(port)
+    except ConfigError:
+        raise ConfigError("invalid %s %r: bad port (1-65535)" % (what, text)) from None
+    host = host or default_host
+    if not (_is_ip(host) or host == "localhost"):
+        raise ConfigError("invalid %s %r: %r is not an IP address" % (what, text, host))
+    return host, port
+
+
+def parse_allow(value, what="allow"):
+    """Return a tuple of ip_network objects from CIDR strings (a list, or
+    one string separated by commas or white space) or networks.  None gives
+    ``()`` (no restriction).  Raises ConfigError naming *what* and the bad
+    entry."""
+    if value is None:
+        return ()
+    if isinstance(value, (str, ipaddress.IPv4Network, ipaddress.IPv6Network)):
+        value = [value]
+    elif not isinstance(value, (list, tuple, set, frozenset)):
+        raise ConfigError("%s must be a list of CIDRs or a comma separated string, not %r"
+                          % (what, value))
+    nets = []
+    for entry in value:
+        if isinstance(entry, (ipaddress.IPv4Network, ipaddress.IPv6Network)):
+            parts = [entry]
+        elif isinstance(entry, str):
+            parts = [p for p in re.split(r"[,\s]+", entry.strip()) if p]
+        else:
+            raise ConfigError("%s entry %r is not a CIDR string" % (what, entry))
+        for part in parts:
+            try:
+                net = part if not isinstance(part, str) else ipaddress.ip_network(
+                    part, strict=False)
+            except ValueError:
+                raise ConfigError("%s entry %r is not an IP network" % (what, part)) from None
+            if net not in nets:
+                nets.append(net)
+    return tuple(nets)
+
+
+def check_limit(value, what="max_connections"):
+    """Return a connection limit (0 = none) from a whole number or a string
+    of ASCII digits; None gives 0.  Raises ConfigError naming *what*."""
+    if value is None:
+        return 0
+    if isinstance(value, str) and _DIGITS.fullmatch(value.strip()):
+        return int(value.strip())
+    if isinstance(value, (int, float)) and not isinstance(value, bool) \
+            and value == value and value not in (float("inf"), float("-inf")) \
+            and value == int(value) and value >= 0:
+        return int(value)
+    raise ConfigError("%s %r is not a whole number of 0 or more" % (what, value))
+
+
+def check_unique_ports(entries):
+    """Raise ConfigError when two of ``[(label, Mapping), ...]`` share a
+    listen port, naming both; return the mappings."""
+    seen = {}
+    for label, mapping in entries:
+        port = mapping.listen_port
+        if port in seen and port != 0:
+            raise ConfigError("listen port %d is used twice: %s and %s"
+                              % (port, seen[port], label))
+        seen[port] = label
+    return [mapping for _, mapping in entries]
+
+
+def _allowed(address, networks):
+    if not networks:
+        return True
+    try:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
+    except ValueError:
+        return False
+    if ip.version == 6 and ip.ipv4_mapped:
+        ip = ip.ipv4_mapped
+    return any(ip in net for net in networks)
+
+
 # Mapping #####################################################################
 
 @dataclass(frozen=True)
@@ -275,25 +349,20 @@ class Mapping:
 
     def __post_init__(self):
         spec = "%s:%s:%s" % (self.listen_port, self.host, self.port)
-        if not isinstance(self.listen_port, int) or not 0 <= self.listen_port <= 65535:
-            raise ConfigError("invalid connection %r: listen port out of range" % spec)
-        if not isinstance(self.port, int) or not 1 <= self.port <= 65535:
-            raise ConfigError("invalid connection %r: target port out of range" % spec)
+        try:
+            object.__setattr__(self, "listen_port",
+                               check_port(self.listen_port, "listen port", minimum=0))
+            object.__setattr__(self, "port", check_port(self.port, "target port"))
+            object.__setattr__(self, "allow", parse_allow(self.allow))
+            object.__setattr__(self, "max_connections", check_limit(self.max_connections))
+        except ConfigError as exc:
+            raise ConfigError("invalid connection %r: %s" % (spec, exc)) from None
         host = str(self.host or "").strip()
         if host.startswith("[") and host.endswith("]"):
             host = host[1:-1]
         if not host or not (_is_ip(host) or _HOSTNAME.match(host)):
             raise ConfigError("invalid connection %r: bad host %r" % (spec, self.host))
         object.__setattr__(self, "host", host)
-        object.__setattr__(self, "allow", _networks(self.allow, "allow"))
-        try:
-            limit = int(self.max_connections or 0)
-        except (TypeError, ValueError):
-            limit = -1
-        if limit < 0:
-            raise ConfigError("invalid connection %r: bad max_connections %r"
-                              % (spec, self.max_connections))
-        object.__setattr__(self, "max_connections", limit)
 
     @classmethod
     def parse(cls, spec, **options):
@@ -313,8 +382,12 @@ class Mapping:
             lport, host, rport = parts
         if not host:
             raise ConfigError("invalid connection %r: missing host" % text)
-        return cls(_port(lport, "listen port", text), host,
-                   _port(rport, "target port", text), **options)
+        try:
+            lport = check_port(lport, "listen port")
+            rport = check_port(rport, "target port")
+        except ConfigError as exc:
+            raise ConfigError("invalid connection %r: %s" % (text, exc)) from None
+        return cls(lport, host, rport, **options)
 
     @property
     def spec(self):
@@ -327,27 +400,16 @@ class Mapping:
     def __str__(self):
         return self.spec
 
-    def to_dict(self):
-        return {"listen_port": self.listen_port, "host": self.host, "port": self.port,
-                "allow": [str(n) for n in self.allow],
-                "max_connections": self.max_connections}
-
 
 def parse_connections(values):
     """Parse ``--connections`` values: each is split on commas and white
     space.  Raises ConfigError on a bad spec or a duplicate listen port."""
-    mappings, seen = [], {}
+    entries = []
     for value in values or ():
         for spec in re.split(r"[,\s]+", str(value).strip()):
-            if not spec:
-                continue
-            mapping = Mapping.parse(spec)
-            if mapping.listen_port in seen:
-                raise ConfigError("listen port %d is used twice: %r and %r"
-                                  % (mapping.listen_port, seen[mapping.listen_port], spec))
-            seen[mapping.listen_port] = spec
-            mappings.append(mapping)
-    return mappings
+            if spec:
+                entries.append((repr(spec), Mapping.parse(spec)))
+    return check_unique_ports(entries)
 
 
 # Resolver ####################################################################
@@ -655,20 +717,20 @@ class Resolver:
         return found, ttl, "dns"
 
 
-# Registry ####################################################################
+# Registry and Session ########################################################
 
 class Session:
     """One proxied client connection and its upstream.
 
-    Pump threads write only their own direction's counters; abort() may be
-    called from any thread and only shuts sockets down (the owner closes
-    them), so a descriptor is never closed under another thread's feet.
+    Pump threads write only their own direction's counters and times;
+    abort() may be called from any thread and only shuts sockets down (the
+    last pump closes them), so a descriptor is never closed under another
+    thread's feet.
     """
 
     __slots__ = ("id", "listen_port", "target", "client", "upstream_address",
-                 "started", "last_active", "bytes_up", "bytes_down", "lock",
-                 "client_sock", "upstream_sock", "closed_reason", "state", "pumps",
-                 "server")
+                 "started", "last_up", "last_down", "bytes_up", "bytes_down", "lock",
+                 "client_sock", "upstream_sock", "closed_reason", "state", "pumps")
 
     def __init__(self, sid, listen_port, target, client, client_sock):
         self.id = sid
@@ -679,14 +741,24 @@ class Session:
         self.upstream_sock = None
         self.upstream_address = None
         self.started = time.time()
-        self.last_active = time.monotonic()
+        self.last_up = self.last_down = time.monotonic()   # last bytes each way
         self.bytes_up = 0
         self.bytes_down = 0
         self.lock = threading.Lock()
         self.closed_reason = None
         self.state = "connecting"
         self.pumps = 2
-        self.server = None
+
+    @property
+    def last_active(self):
+        """When bytes last moved either way (time.monotonic())."""
+        return max(self.last_up, self.last_down)
+
+    def between_exchanges(self, quiet, now):
+        """True when nothing moved for *quiet* seconds and the last bytes
+        went upstream -> client: the reply was delivered and no request is
+        waiting for one, so closing cannot cut an exchange short."""
+        return now - self.last_up >= quiet and self.last_down >= self.last_up
 
     def pump_ended(self):
         """Count a finished pump; True for the last one."""
@@ -699,12 +771,12 @@ class Session:
         with self.lock:
             if self.closed_reason is None:
                 self.closed_reason = reason
-            socks = [s for s in (self.client_sock, self.upstream_sock) if s is not None]
-            for sock in socks:
+            for sock in (self.client_sock, self.upstream_sock):
+                if sock is None:
+                    continue
                 try:
                     if reset:
-                        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
-                                        b"\x01\x00\x00\x00\x00\x00\x00\x00")
+                        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
                     sock.shutdown(socket.SHUT_RDWR)
                 except OSError:
                     pass
@@ -738,17 +810,27 @@ class _Stats:
         self.active = self.total = self.bytes_up = self.bytes_down = 0
         self.refused = self.failed = 0
 
+    def to_dict(self):
+        return {name: getattr(self, name) for name in self.__slots__}
+
 
 class Registry:
-    """Shared, locked record of live sessions and per-mapping counters.
+    """The one record of live sessions, and per-mapping counters.
 
-    Every method takes ``self.lock``; snapshots are copies, so /status and
-    /connections never iterate the live structures.
+    A session is registered when its client is accepted and unregistered
+    when it is closed; nothing else counts sessions.  Every method takes
+    ``self.lock``; snapshots are copies, so /status and /connections never
+    iterate the live structures.
+
+    Methods for the caller: open(), close(), count_refused(), count_failed(),
+    sessions(port), active(), wait_idle(port, deadline), forget(port),
+    snapshot().
     """
 
     def __init__(self):
         self.lock = threading.Lock()
-        self.idle = threading.Condition(self.lock)
+        self._changed = threading.Condition(self.lock)
+        self._waiters = 0
         self._sessions = {}
         self._stats = {}
         self._ids = itertools.count(1)
@@ -756,7 +838,9 @@ class Registry:
     def open(self, listen_port, target, client, client_sock, limit=0, global_limit=0):
         """Register a session; returns None when a limit is reached."""
         with self.lock:
-            stats = self._stats.setdefault(listen_port, _Stats())
+            stats = self._stats.get(listen_port)
+            if stats is None:
+                stats = self._stats[listen_port] = _Stats()
             if ((limit and stats.active >= limit)
                     or (global_limit and len(self._sessions) >= global_limit)):
                 stats.refused += 1
@@ -776,29 +860,49 @@ class Registry:
             self._stats.setdefault(listen_port, _Stats()).failed += 1
 
     def close(self, session):
+        """Unregister *session*; False if it was not registered."""
         with self.lock:
             if self._sessions.pop(session.id, None) is None:
-                return
+                return False
             stats = self._stats.setdefault(session.listen_port, _Stats())
             stats.active -= 1
             stats.bytes_up += session.bytes_up
             stats.bytes_down += session.bytes_down
-            if not self._sessions:
-                self.idle.notify_all()
+            if self._waiters:
+                self._changed.notify_all()
+            return True
 
     def sessions(self, listen_port=None):
         with self.lock:
             return [s for s in self._sessions.values()
                     if listen_port is None or s.listen_port == listen_port]
 
-    def active(self):
+    def active(self, listen_port=None):
         with self.lock:
-            return len(self._sessions)
+            if listen_port is None:
+                return len(self._sessions)
+            stats = self._stats.get(listen_port)
+            return stats.active if stats is not None else 0
 
-    def wait_idle(self, timeout):
-        """Wait until no session is open; True if that happened in time."""
+    def wait_idle(self, listen_port=None, deadline=None):
+        """Wait until no session is open (on *listen_port*, or at all) or
+        *deadline* (time.monotonic(); None: no limit) passes; True if idle."""
+        def idle():
+            if listen_port is None:
+                return not self._sessions
+            stats = self._stats.get(listen_port)
+            return stats is None or not stats.active
         with self.lock:
-            return self.idle.wait_for(lambda: not self._sessions, timeout)
+            self._waiters += 1
+            try:
+                while not idle():
+                    remaining = None if deadline is None else deadline - time.monotonic()
+                    if remaining is not None and remaining <= 0:
+                        return False
+                    self._changed.wait(remaining)
+                return True
+            finally:
+                self._waiters -= 1
 
     def forget(self, listen_port):
         with self.lock:
@@ -808,324 +912,220 @@ class Registry:
         """Return (sessions as dicts, {listen_port: stats dict})."""
         with self.lock:
             sessions = list(self._sessions.values())
-            stats = {port: {"active": s.active, "total": s.total, "bytes_up": s.bytes_up,
-                            "bytes_down": s.bytes_down, "refused": s.refused,
-                            "failed": s.failed}
-                     for port, s in self._stats.items()}
+            stats = {port: s.to_dict() for port, s in self._stats.items()}
         for session in sessions:
-            entry = stats.setdefault(session.listen_port, {
-                "active": 0, "total": 0, "bytes_up": 0, "bytes_down": 0,
-                "refused": 0, "failed": 0})
+            entry = stats.setdefault(session.listen_port, _Stats().to_dict())
             entry["bytes_up"] += session.bytes_up
             entry["bytes_down"] += session.bytes_down
         return [s.to_dict() for s in sorted(sessions, key=lambda s: s.id)], stats
 
 
-# Proxy server ################################################################
+class DnsChangeWatcher:
+    """--close-on-dns-change: re-resolve the names live mappings use when
+    their answers expire, and close sessions whose upstream address left
+    the answer.  Methods for the caller: start(), stop(deadline)."""
 
-def _tune(sock):
+    def __init__(self, proxy):
+        self.proxy = proxy
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="tcpproxy-dns-watch")
+
+    def start(self):
+        self.proxy.resolver.add_listener(self.changed)
+        self._thread.start()
+
+    def stop(self, deadline):
+        self._stop.set()
+        if self._thread.ident is not None:
+            self._thread.join(max(0.0, deadline - time.monotonic()))
+
+    def changed(self, host, old, new):
+        if not old:
+            return
+        keep = set(new)
+        ports = {port for port, s in self.proxy.servers.items() if s.mapping.host == host}
+        for session in self.proxy.registry.sessions():
+            if (session.listen_port in ports and session.upstream_address
+                    and session.upstream_address[0] not in keep):
+                log.warning("%d: closing %s: %s no longer resolves to %s",
+                            session.listen_port, _format_hostport(*session.client[:2]),
+                            host, session.upstream_address[0])
+                session.abort("DNS changed", reset=True)
+
+    def _run(self):
+        resolver = self.proxy.resolver
+        while not self._stop.is_set():
+            wait = 5.0
+            hosts = {s.mapping.host for s in self.proxy.servers.values()
+                     if not _is_ip(s.mapping.host)}
+            for host in hosts:
+                remaining = resolver.expires_in(host)
+                if remaining is None or remaining <= 0:
+                    try:
+                        resolver.lookup(host)
+                    except ResolveError:
+                        pass
+                    remaining = resolver.expires_in(host)
+                if remaining is not None:
+                    wait = min(wait, max(remaining, 0.0))
+            self._stop.wait(max(wait, 0.5))
+
+
+# Connection ##################################################################
+#
+# One client's life, top to bottom.  The mapping's listener (ProxyServer,
+# under "Servers") accepts it, checks the allow list (verify_request),
+# registers its Session and hands it to serve_client() on a pooled worker
+# thread, with a second worker reserved for the other direction.
+# serve_client() connects upstream (connect_upstream: the address
+# fail-over loop), starts the upstream -> client pump on the reserved
+# worker and pumps client -> upstream itself.  EOF on one side becomes
+# shutdown(SHUT_WR) on the other (half-close); a reset on either side
+# resets the other; whichever pump ends last closes the session
+# (finish_session), so neither waits for the other.
+#
+# A pump waits with poll() (not select(), which breaks above descriptor
+# 1024), then moves what is there.  Idle connections hold no buffer and no
+# pipe: buffers (copy) and pipes (splice) come from pools only while bytes
+# are moving, so memory per idle connection is the two sockets and the two
+# parked threads.
+
+def serve_client(proxy, listener, session, partner):
+    """Connect *session* upstream and pump it both ways, on a worker thread.
+    *partner* is a worker reserved for the upstream -> client pump; it is
+    given back if the session ends before the pumps start."""
+    me = threading.current_thread()
+    me.name = "tcpproxy-%d-%s" % (session.listen_port, session.client[1])
+    upstream = None
     try:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-    except OSError:
-        pass
-
-
-class ProxyHandler(socketserver.BaseRequestHandler):
-    """Connect one accepted client upstream and pump bytes both ways.
-
-    The handler's worker pumps client -> upstream; a second worker pumps
-    upstream -> client.  EOF on one side becomes shutdown(SHUT_WR) on the
-    other (half-close); a reset on either side resets the other.  Whichever
-    pump ends last closes the session, so neither waits for the other.
-    ``handed_off`` tells the server that the pumps own the client socket
-    and that it must call pump_up().
-    """
-
-    handed_off = False
-    up = None
-
-    def __init__(self, request, client_address, server, partner=None):
-        # Unlike socketserver's, this constructor does not run handle():
-        # ProxyServer._process() calls handle() and then pump_up().  Each
-        # call through a constructor (or a call with *args) nests the C
-        # interpreter loop once more, and a thread keeps every stack page
-        # it ever touched: calling from plain Python frames keeps the first
-        # pump's thread at two pages of stack instead of three (4 KiB less
-        # per connection).
-        self.request = request
-        self.client_address = client_address
-        self.server = server
-        self.partner = partner           # a reserved worker for the second pump
-
-    def handle(self):
-        server = self.server
-        proxy = server.proxy
-        mapping = server.mapping           # a snapshot: apply() may swap it
-        client = self.request
-        peer = self.client_address
-        if (proxy.allow or mapping.allow) and not (
-                _allowed(peer[0], proxy.allow) and _allowed(peer[0], mapping.allow)):
-            proxy.registry.count_refused(mapping.listen_port)
-            _ratelimited.log(logging.WARNING, ("acl", mapping.listen_port),
-                             "%d: refused client %s: not in the allow list",
-                             mapping.listen_port, peer[0])
-            _reset_close(client)
-            return
-        session = proxy.registry.open(mapping.listen_port, mapping.target, peer, client,
-                                      mapping.max_connections, proxy.max_connections)
-        if session is None:
-            _ratelimited.log(logging.WARNING, ("limit", mapping.listen_port),
-                             "%d: refused client %s: connection limit reached",
-                             mapping.listen_port, _format_hostport(*peer[:2]))
-            _reset_close(client)
-            return
-        try:
-            if proxy.is_draining():
-                session.abort("proxy is stopping")
-                return
-            upstream = proxy.connect_upstream(mapping, session)
+        if proxy.is_draining():
+            session.abort("proxy is stopping")
+        else:
+            upstream = connect_upstream(proxy, listener, session)
             if upstream is None:
-                proxy.registry.count_failed(mapping.listen_port)
-                return
-            session.state = "open"
-            if log.isEnabledFor(logging.INFO):
-                log.info("%d: %s connected to %s via %s", mapping.listen_port,
-                         _format_hostport(*peer[:2]),
-                         _format_hostport(*session.upstream_address[:2]), mapping.host)
-            session.server = server
-            self._start_pumps(session, client, upstream, proxy)
-        finally:
-            if not self.handed_off:
-                session.server = None       # the server counts us itself
-                proxy.finish_session(session)
+                proxy.registry.count_failed(session.listen_port)
+    finally:
+        if upstream is None:
+            proxy.workers.give_back(partner)
+            finish_session(proxy, session)
+    if upstream is None:
+        return
+    session.state = "open"
+    if log.isEnabledFor(logging.INFO):
+        log.info("%d: %s connected to %s via %s", session.listen_port,
+                 _format_hostport(*session.client[:2]),
+                 _format_hostport(*session.upstream_address[:2]), session.target[0])
+    client = session.client_sock
+    name = me.name
 
-    def _start_pumps(self, session, client, upstream, proxy):
-        """Start the upstream -> client pump on another worker; the caller's
-        thread pumps client -> upstream (pump_up())."""
-        pump = proxy.pump
-        name = threading.current_thread().name
-
-        def down():
-            threading.current_thread().name = name + "-down"
-            try:
-                pump(session, upstream, client, False, proxy)
-            finally:
-                if session.pump_ended():
-                    proxy.finish_session(session)
-
+    def down():
+        threading.current_thread().name = name + "-down"
         try:
-            if self.partner is not None:
-                proxy.workers.run_on(self.partner, down)
-            else:
-                proxy.workers.submit(down)
-        except RuntimeError as exc:  # can't start new thread
-            _ratelimited.log(logging.ERROR, "pump-thread", "cannot start a pump thread (%s): "
-                             "closing %s", exc, _format_hostport(*session.client[:2]))
-            session.abort("no thread")
-            return
-        self.handed_off = True
-        self.up = (session, client, upstream, proxy)
-
-    def pump_up(self):
-        """Pump client -> upstream on this thread, once handle() has
-        returned (ProxyServer._process calls it)."""
-        session, client, upstream, proxy = self.up
-        try:
-            proxy.pump(session, client, upstream, True, proxy)
+            pump(session, upstream, client, False, proxy)
         finally:
             if session.pump_ended():
-                proxy.finish_session(session)
+                finish_session(proxy, session)
 
-
-def _reset_close(sock):
     try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
-    except OSError:
-        pass
-    sock.close()
+        proxy.workers.run_on(partner, down)
+    except RuntimeError as exc:      # the pool is closing
+        _ratelimited.log(logging.ERROR, "pump-thread", "cannot start a pump thread (%s): "
+                         "closing %s", exc, _format_hostport(*session.client[:2]))
+        session.abort("no thread")
+        finish_session(proxy, session)
+        return
+    try:
+        pump(session, client, upstream, True, proxy)
+    finally:
+        if session.pump_ended():
+            finish_session(proxy, session)
 
 
-# Pumps #######################################################################
-#
-# A pump copies one direction of a session.  It waits with poll() (not
-# select(), which breaks above descriptor 1024), then moves what is there.
-# Idle connections hold no buffer and no pipe: buffers (copy pump) and pipes
-# (splice pump) come from pools only while bytes are moving, so memory per
-# idle connection is the two sockets and the two parked threads.
-
-class _BufferPool:
-    """Reusable copy buffers for the pumps (list append/pop are atomic).
-    Only *keep* are kept between bursts: they count in every idle
-    connection's share of memory.  An entry is ``(bytearray, address)``;
-    the address (for libc I/O) is None when *libc* is None."""
-
-    def __init__(self, size=LARGE_BUFFER, keep=16, libc=None):
-        self.size = size
-        self.keep = keep
-        self.libc = libc
-        self._free = []
-
-    def get(self):
-        try:
-            return self._free.pop()
-        except IndexError:
-            buf = bytearray(self.size)
-            return buf, (self.libc.address(buf) if self.libc is not None else None)
-
-    def put(self, entry):
-        if len(self._free) < self.keep:
-            self._free.append(entry)
-
-
-class _LibcIO:
-    """recv() and send() called straight from the C library, with the GIL held.
-
-    Python's socket methods release the GIL around every system call.
-    With many busy connections each release hands the GIL to another
-    thread and costs a context switch, which makes a 64-byte request
-    cost several of them.  A pump calls recv() only after poll() said
-    the socket is readable, and both calls use MSG_DONTWAIT, so they
-    never block: holding the GIL through them is safe and halves the
-    CPU per request.  A send() that would block (the reader is slow)
-    falls back to socket.sendall(), which waits with the GIL released.
-
-    Used only on Linux, through ctypes.PyDLL (the library already
-    loaded; nothing is compiled).  TCPPROXY_LIBC_IO=0 or
-    Proxy(libc_io=False) turns it off.
-    """
-
-    FLAGS_RECV = int(getattr(socket, "MSG_DONTWAIT", 0x40))
-    FLAGS_SEND = FLAGS_RECV | int(getattr(socket, "MSG_NOSIGNAL", 0x4000))
-
-    def __init__(self):
-        import ctypes                        # only when used: it costs 3 ms to import
-        libc = ctypes.PyDLL(None)
-        self._ctypes = ctypes
-        # No argtypes: converting each argument through them costs more
-        # than the call.  Buffers are passed as c_void_p objects, all the
-        # rest as Python ints (C ints, widened by libffi; sizes are far
-        # below 2**31).
-        self.recv, self.send = libc.recv, libc.send
-        self.recv.restype = self.send.restype = ctypes.c_ssize_t
-        self._shutdown, self._close = libc.shutdown, libc.close
-        self._setsockopt = libc.setsockopt
-        self._shutdown.restype = self._close.restype = self._setsockopt.restype = ctypes.c_int
-        # errno is read from the C library's own per-thread variable: ctypes'
-        # use_errno copy would cost every pump thread a dictionary (0.4 KiB
-        # per idle connection).  Only integers are made between the failed
-        # call and the read, so nothing else can change errno meanwhile.
-        errno_location = getattr(libc, "__errno_location")   # no name mangling
-        errno_location.restype = ctypes.POINTER(ctypes.c_int)
-        self.get_errno = lambda: errno_location()[0]
-
-    def address(self, buf):
-        """A pointer to a bytearray's storage (it is never resized)."""
-        ctypes = self._ctypes
-        return ctypes.c_void_p(ctypes.addressof((ctypes.c_char * len(buf)).from_buffer(buf)))
-
-    def setsockopt(self, sock, level, name, value):
-        """sock.setsockopt(level, name, value) for a bytes *value*.  Python's
-        own tries to parse an int first and fails, which takes a page more
-        of the thread's stack, for good (4 KiB per connection)."""
-        if self._setsockopt(sock.fileno(), level, name, value, len(value)) != 0:
-            err = self.get_errno()
-            raise OSError(err, os.strerror(err))
-
-    def shutdown(self, sock, how):
-        """sock.shutdown(how), errors ignored: it never blocks."""
-        self._shutdown(sock.fileno(), how)
-
-    def close(self, sock):
-        """sock.close(): it does not block, as the proxy never sets a
-        SO_LINGER timeout (only an immediate reset)."""
-        fd = sock.detach()
-        if fd >= 0:
-            self._close(fd)
-
-    @classmethod
-    @functools.lru_cache(maxsize=None)
-    def load(cls):
-        """The shared instance, or None where it is not available."""
-        if not sys.platform.startswith("linux"):
+def connect_upstream(proxy, listener, session):
+    """Connect *session* to its target, trying every address of the name
+    from a rotating start; return the socket or None (reason logged, the
+    session aborted)."""
+    host, port = session.target
+    listen_port = session.listen_port
+    try:
+        addresses = proxy.resolver.lookup(host)
+    except ResolveError as exc:
+        _ratelimited.log(logging.WARNING, ("resolve", listen_port),
+                         "%d: closing client %s: %s", listen_port,
+                         _format_hostport(*session.client[:2]), exc)
+        session.abort("cannot resolve %s" % host)
+        return None
+    start = next(listener.rotation) % len(addresses)
+    errors = []
+    for address in addresses[start:] + addresses[:start]:
+        if session.closed_reason is not None:
             return None
+        family = socket.AF_INET6 if ":" in address else socket.AF_INET
         try:
-            return cls()
-        except (ImportError, OSError, AttributeError) as exc:
-            log.debug("libc I/O is not available (%s): using socket methods", exc)
-            return None
-
-
-class _PipePool:
-    """Reusable pipes for the splice pump; a pipe goes back only when empty."""
-
-    def __init__(self, size=LARGE_BUFFER, keep=64):
-        self.size = size
-        self.keep = keep
-        self.lock = threading.Lock()
-        self._free = []
-        self._closed = False
-
-    def get(self):
+            sock = socket.socket(family, socket.SOCK_STREAM)
+        except OSError as exc:
+            errors.append("%s: %s" % (address, exc.strerror or exc))
+            break
+        with session.lock:               # abort() may now interrupt connect()
+            if session.closed_reason is not None:
+                sock.close()
+                return None
+            session.upstream_sock = sock
         try:
-            return self._free.pop()
-        except IndexError:
-            pass
-        r, w = os.pipe2(os.O_CLOEXEC) if hasattr(os, "pipe2") else os.pipe()
-        try:
-            fcntl.fcntl(w, F_SETPIPE_SZ, self.size)
-        except OSError:
-            pass
-        return r, w
-
-    def put(self, pipe):
-        with self.lock:
-            if not self._closed and len(self._free) < self.keep:
-                self._free.append(pipe)
-                return
-        self.discard(pipe)
-
-    @staticmethod
-    def discard(pipe):
-        for fd in pipe:
-            os.close(fd)
-
-    def close(self):
-        with self.lock:
-            self._closed = True
-            free, self._free = self._free, []
-        for pipe in free:
-            self.discard(pipe)
-
-
-def _end_of_stream(session, dst, libc):
-    # Half-close: pass EOF on.  When the other pump has ended already, the
-    # close() that follows sends the FIN by itself.
-    if session.closed_reason is None and session.pumps > 1:
-        if libc is not None:
-            libc.shutdown(dst, socket.SHUT_WR)
-            return
-        try:
-            dst.shutdown(socket.SHUT_WR)
-        except OSError:
-            pass
+            # SO_SNDTIMEO bounds a blocking connect() (EINPROGRESS when it
+            # expires): two syscalls instead of settimeout()'s four fcntl.
+            proxy.set_send_timeout(sock, proxy.connect_timeval)
+            sock.connect((address, port))
+            proxy.set_send_timeout(sock, _TIMEVAL_ZERO)
+        except OSError as exc:
+            with session.lock:
+                session.upstream_sock = None
+                sock.close()
+            if session.closed_reason is not None:
+                return None
+            if isinstance(exc, socket.timeout) or exc.errno in (errno.EINPROGRESS,
+                                                                errno.EAGAIN):
+                reason = "timed out after %gs" % proxy.connect_timeout
+            else:
+                reason = exc.strerror or str(exc)
+            errors.append("%s: %s" % (_format_hostport(address, port), reason))
+            log.info("%d: connect to %s failed: %s", listen_port,
+                     _format_hostport(address, port), reason)
+            continue
+        _tune(sock)
+        if session.closed_reason is not None:
+            return None                   # finish_session() closes it
+        session.upstream_address = (address, port)
+        return sock
+    _ratelimited.log(logging.WARNING, ("connect", listen_port),
+                     "%d: closing client %s: no upstream for %d:%s accepted (%s)",
+                     listen_port, _format_hostport(*session.client[:2]), listen_port,
+                     _format_hostport(host, port), "; ".join(errors) or "no address")
+    session.abort("upstream unreachable", reset=True)
+    return None
 
 
-def _errno_error(err):
-    return OSError(err, os.strerror(err))
+def finish_session(proxy, session):
+    """Close *session* for good: log, unregister, close both sockets."""
+    if log.isEnabledFor(logging.INFO) and session.state == "open":
+        log.info("%d: %s closed (%s), %d bytes up, %d bytes down",
+                 session.listen_port, _format_hostport(*session.client[:2]),
+                 session.closed_reason or "done", session.bytes_up, session.bytes_down)
+    proxy.registry.close(session)
+    session.close(proxy.libc)
 
 
 def pump(session, src, dst, up, proxy):
     """Move bytes from *src* to *dst* until EOF or error.
 
-    The pump waits with poll() (not select(), which breaks above
-    descriptor 1024), then moves what is there.  Small reads (requests,
-    replies) are copied through a pooled buffer: recv + send, through
-    libc with the GIL held (see _LibcIO) or with socket.recv_into() and
-    sendall().  A read of BULK_READ bytes or more switches to os.splice()
-    through a pooled pipe, so that bulk transfers never enter Python; the
-    pump goes back to copying when a splice returns less.  Without
-    splice (Python 3.9, not Linux, TCPPROXY_SPLICE=0) it always copies.
+    The pump waits with poll(), then moves what is there.  Small reads
+    (requests, replies) are copied through a pooled buffer: recv + send,
+    through libc with the GIL held (see _LibcIO) or with
+    socket.recv_into() and sendall().  A read of BULK_READ bytes or more
+    switches to os.splice() through a pooled pipe, so that bulk transfers
+    never enter Python; the pump goes back to copying when a splice returns
+    less.  Without splice (Python 3.9, not Linux, TCPPROXY_SPLICE=0) it
+    always copies.
     """
     idle_timeout = proxy.idle_timeout
     wait_ms = int(min(idle_timeout, 5.0) * 1000) if idle_timeout else None
@@ -1216,24 +1216,60 @@ def pump(session, src, dst, up, proxy):
             return
         if up:
             session.bytes_up += n
+            session.last_up = monotonic()
         else:
             session.bytes_down += n
-        session.last_active = monotonic()
+            session.last_down = monotonic()
 
 
-HAVE_SPLICE = hasattr(os, "splice") and sys.platform.startswith("linux")
+def _end_of_stream(session, dst, libc):
+    # Half-close: pass EOF on.  When the other pump has ended already, the
+    # close() that follows sends the FIN by itself.
+    if session.closed_reason is None and session.pumps > 1:
+        if libc is not None:
+            libc.shutdown(dst, socket.SHUT_WR)
+            return
+        try:
+            dst.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+
+
+def _errno_error(err):
+    return OSError(err, os.strerror(err))
 
 
 def _failed(session, exc, side):
+    """A pump's socket call failed: reset the session (quietly when the
+    peer went away, as an error naming the session otherwise)."""
     if session.closed_reason is not None:       # we are already closing it
         return
-    if exc.errno not in NET_ERRS:
-        log.error("session %d: unexpected error from %s: %s", session.id, side, exc)
-    else:
+    if exc.errno in NET_ERRS:
         log.debug("session %d: %s: %s", session.id, side, exc)
+    else:
+        log.error("session %d: unexpected error from %s: %s", session.id, side, exc)
     session.abort("%s reset (%s)" % (side, os.strerror(exc.errno) if exc.errno else exc),
                   reset=True)
 
+
+def _tune(sock):
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    except OSError:
+        pass
+
+
+def _reset_close(sock):
+    """Close *sock* with a reset (a refused client)."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+    except OSError:
+        pass
+    sock.close()
+
+
+# Threads #####################################################################
 
 class _Worker(threading.Thread):
     """A pool thread.  run() is overridden rather than given a target:
@@ -1387,139 +1423,31 @@ class _WorkerPool:
             return list(self._all)
 
 
-class _TrackedThreadsMixIn:
-    """Start a named thread per request and keep track of it, so that
-    stop() can join every one with a deadline (socketserver's own join has
-    no timeout).  Used by StatusServer."""
-
-    daemon_threads = False
-    block_on_close = False            # join() below, with a deadline
-    thread_prefix = "tcpproxy"
-
-    def _init_tracking(self):
-        self._tracked = set()
-        self._tracked_lock = threading.Lock()
-        self._stopping = threading.Event()
-
-    def process_request(self, request, client_address):
-        thread = threading.Thread(target=self._process, args=(request, client_address),
-                                  name="%s-%s" % (self.thread_prefix, client_address[1]))
-        thread.client = client_address[0]
-        with self._tracked_lock:
-            self._tracked.add(thread)
-        try:
-            thread.start()
-        except RuntimeError as exc:     # can't start new thread
-            with self._tracked_lock:
-                self._tracked.discard(thread)
-            _ratelimited.log(logging.ERROR, (self.thread_prefix, "thread"),
-                             "%s: cannot start a thread (%s): closing client %s",
-                             self.thread_prefix, exc,
-                             _format_hostport(*client_address[:2]))
-            _reset_close(request)
-            self._stopping.wait(ACCEPT_BACKOFF)
-
-    def _process(self, request, client_address):
-        try:
-            self.process_request_thread(request, client_address)
-        finally:
-            with self._tracked_lock:
-                self._tracked.discard(threading.current_thread())
-
-    def threads(self):
-        with self._tracked_lock:
-            return list(self._tracked)
-
-    def join(self, deadline):
-        """Join request threads until *deadline* (monotonic); return stragglers."""
-        for thread in self.threads():
-            thread.join(max(0.0, deadline - time.monotonic()))
-        return [t for t in self.threads() if t.is_alive()]
-
+# Servers #####################################################################
 
 class ProxyServer(socketserver.ThreadingTCPServer):
-    """Listen for one mapping and hand every client to a ProxyHandler,
-    run on the Proxy's worker pool.
+    """Listen for one mapping: admit each client (allow lists, limits),
+    register its Session and hand it to serve_client() on the Proxy's
+    worker pool.
 
-    Methods for the caller: serve_forever(), stop_accepting(), join(deadline),
-    server_close(), set_mapping(mapping).  Overridden hooks: server_bind(),
-    get_request(), process_request(), handle_error().
+    Methods for the caller: serve_forever(), stop_accepting(),
+    server_close(), set_mapping(mapping), port.  Overridden hooks:
+    server_bind(), get_request(), verify_request(), process_request(),
+    shutdown_request(), service_actions(), handle_error().
     """
 
     allow_reuse_address = True
     request_queue_size = LISTEN_BACKLOG
     daemon_threads = False
-    block_on_close = False            # join() below, with a deadline
+    block_on_close = False            # the Registry says when sessions end
 
     def __init__(self, mapping, proxy, listen_host="0.0.0.0"):
         self.mapping = mapping
         self.proxy = proxy
+        self.rotation = itertools.count()  # where connect_upstream() starts
         self.address_family = socket.AF_INET6 if ":" in listen_host else socket.AF_INET
-        self._active = 0
-        self._idle = threading.Condition(threading.Lock())
         self._stopping = threading.Event()
-        super().__init__((listen_host, mapping.listen_port), ProxyHandler)
-
-    def process_request(self, request, client_address):
-        with self._idle:
-            self._active += 1
-        workers = self.proxy.workers
-        partner = None
-        try:
-            partner = workers.reserve()      # for its second pump: see reserve()
-            # A closure, not submit(func, *args): see ProxyHandler.__init__.
-            workers.submit(lambda: self._process(request, client_address, partner))
-        except RuntimeError as exc:     # can't start new thread
-            if partner is not None:
-                workers.give_back(partner)
-            self.session_done()
-            _ratelimited.log(logging.ERROR, ("thread", self.port),
-                             "%d: cannot start a thread (%s): closing client %s", self.port, exc,
-                             _format_hostport(*client_address[:2]))
-            _reset_close(request)
-            self._stopping.wait(ACCEPT_BACKOFF)
-
-    def _process(self, request, client_address, partner=None):
-        threading.current_thread().name = "tcpproxy-%d-%s" % (self.port, client_address[1])
-        handler = ProxyHandler(request, client_address, self, partner)
-        try:
-            handler.handle()
-        except Exception:  # noqa: BLE001 - logged, the server serves on
-            self.handle_error(request, client_address)
-        finally:
-            if not handler.handed_off:
-                if partner is not None:
-                    self.proxy.workers.give_back(partner)
-                self.close_request(request)
-                self.session_done()
-        if handler.handed_off:
-            handler.pump_up()
-
-    def session_done(self):
-        """One accepted client is finished (its pumps ended or it never
-        got that far)."""
-        with self._idle:
-            self._active -= 1
-            if not self._active:
-                self._idle.notify_all()
-
-    def active(self):
-        with self._idle:
-            return self._active
-
-    def join(self, deadline):
-        """Wait for this server's handlers until *deadline*; return how
-        many are still running."""
-        with self._idle:
-            self._idle.wait_for(lambda: not self._active,
-                                max(0.0, deadline - time.monotonic()))
-            return self._active
-
-    def server_bind(self):
-        if self.address_family == socket.AF_INET6:
-            self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-        _tune(self.socket)                # accepted sockets inherit both options
-        super().server_bind()
+        super().__init__((listen_host, mapping.listen_port), None)
 
     @property
     def port(self):
@@ -1528,17 +1456,74 @@ class ProxyServer(socketserver.ThreadingTCPServer):
     def set_mapping(self, mapping):
         self.mapping = mapping
 
-    def service_actions(self):
-        # Called by serve_forever() every SERVE_POLL_INTERVAL.
-        self.proxy.workers.reap()
+    def server_bind(self):
+        if self.address_family == socket.AF_INET6:
+            self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        _tune(self.socket)                # accepted sockets inherit both options
+        super().server_bind()
 
     def get_request(self):
         try:
             return self.socket.accept()
         except OSError as exc:
             if exc.errno in EXHAUSTION_ERRS:
-                self.proxy.accept_exhausted(self, exc)
+                _ratelimited.log(logging.ERROR, ("accept", self.port), "%d: cannot accept "
+                                 "(%s): shedding a client and backing off", self.port,
+                                 exc.strerror)
+                self.proxy.spare.shed(self.socket)
+                self._stopping.wait(ACCEPT_BACKOFF)
             raise
+
+    def verify_request(self, request, client_address):
+        """The allow lists (--allow and the mapping's own)."""
+        proxy, mapping = self.proxy, self.mapping
+        if not (proxy.allow or mapping.allow) or (
+                _allowed(client_address[0], proxy.allow)
+                and _allowed(client_address[0], mapping.allow)):
+            return True
+        proxy.registry.count_refused(self.port)
+        _ratelimited.log(logging.WARNING, ("acl", self.port),
+                         "%d: refused client %s: not in the allow list",
+                         self.port, client_address[0])
+        return False
+
+    def process_request(self, request, client_address):
+        """Register the client (or refuse it at a connection limit) and
+        start serve_client() on a worker, reserving a second worker for
+        its other pump (see _WorkerPool.reserve)."""
+        proxy, mapping = self.proxy, self.mapping   # a snapshot: apply() may swap it
+        session = proxy.registry.open(self.port, mapping.target, client_address, request,
+                                      mapping.max_connections, proxy.max_connections)
+        if session is None:
+            _ratelimited.log(logging.WARNING, ("limit", self.port),
+                             "%d: refused client %s: connection limit reached",
+                             self.port, _format_hostport(*client_address[:2]))
+            _reset_close(request)
+            return
+        workers = proxy.workers
+        partner = None
+        try:
+            partner = workers.reserve()
+            # A closure, not submit(func, *args): a call with *args nests
+            # the C interpreter loop once more (see _Worker).
+            workers.submit(lambda: serve_client(proxy, self, session, partner))
+        except RuntimeError as exc:     # can't start new thread
+            if partner is not None:
+                workers.give_back(partner)
+            _ratelimited.log(logging.ERROR, ("thread", self.port),
+                             "%d: cannot start a thread (%s): closing client %s", self.port,
+                             exc, _format_hostport(*client_address[:2]))
+            session.abort("no thread", reset=True)
+            finish_session(proxy, session)
+            self._stopping.wait(ACCEPT_BACKOFF)
+
+    def shutdown_request(self, request):
+        # socketserver's path for a client that verify_request() refused.
+        _reset_close(request)
+
+    def service_actions(self):
+        # Called by serve_forever() every SERVE_POLL_INTERVAL.
+        self.proxy.workers.reap()
 
     def handle_error(self, request, client_address):
         log.exception("%d: error handling %s", self.port, client_address)
@@ -1550,7 +1535,43 @@ class ProxyServer(socketserver.ThreadingTCPServer):
         self.socket.close()
 
 
-# Status HTTP #################################################################
+class _SpareDescriptor:
+    """One descriptor held in reserve for when the process runs out: a
+    listener whose accept() fails with EMFILE gives it up to accept one
+    client and reset it (shed), so that the queue moves and the listener
+    does not spin; then takes it back."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self._fd = None
+
+    def take(self):
+        with self.lock:
+            if self._fd is None:
+                try:
+                    self._fd = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+                except OSError:
+                    self._fd = None
+
+    def release(self):
+        with self.lock:
+            if self._fd is not None:
+                os.close(self._fd)
+                self._fd = None
+
+    def shed(self, listening_socket):
+        with self.lock:
+            if self._fd is None:
+                return
+            os.close(self._fd)
+            self._fd = None
+            try:
+                conn, _ = listening_socket.accept()
+                _reset_close(conn)
+            except OSError:
+                pass
+        self.take()
+
 
 class _DeadlineSocketIO(socket.SocketIO):
     """A raw reader over the status client's socket that gives the whole
@@ -1614,7 +1635,7 @@ class StatusHandler(http.server.BaseHTTPRequestHandler):
         query = urllib.parse.parse_qs(url.query)
         proxy = self.server.proxy
         if url.path == "/status":
-            status = proxy.status()
+            status = status_report(proxy)
             code = 200 if status["ok"] else 503
             if query.get("format", [""])[0] == "json":
                 self._send(code, json.dumps(status, sort_keys=True) + "\n",
@@ -1623,7 +1644,7 @@ class StatusHandler(http.server.BaseHTTPRequestHandler):
                 self._send(code, "OK" if status["ok"] else status["reason"] + "\n",
                            "text/plain; charset=utf-8", body)
         elif url.path == "/connections":
-            self._send(200, json.dumps(proxy.connections(), sort_keys=True) + "\n",
+            self._send(200, json.dumps(connections_report(proxy), sort_keys=True) + "\n",
                        "application/json", body)
         else:
             self._send(404, "not found\n", "text/plain", body)
@@ -1647,21 +1668,29 @@ class StatusHandler(http.server.BaseHTTPRequestHandler):
         log.debug("status %s: " + format, self.client_address[0], *args)
 
 
-class StatusServer(_TrackedThreadsMixIn, http.server.ThreadingHTTPServer):
-    """The /status and /connections endpoint of a Proxy."""
+class StatusServer(http.server.ThreadingHTTPServer):
+    """The /status and /connections endpoint of a Proxy.
+
+    Each request gets a named thread that is tracked, so that stop() can
+    join every one with a deadline (socketserver's own join has none);
+    more than *max_threads* requests at once, or *max_per_client* from one
+    address, are refused.
+    """
 
     allow_reuse_address = True
     request_queue_size = 128
-    thread_prefix = "tcpproxy-status"
-    max_threads = 32                   # more concurrent requests are refused
-    max_per_client = 8                 # ... and more than this from one address
+    daemon_threads = False
+    block_on_close = False            # join() below, with a deadline
+    max_threads = 32
+    max_per_client = 8
 
     def __init__(self, address, proxy, allow=()):
         self.proxy = proxy
         self.allow = allow
-        self._init_tracking()
-        host = address[0]
-        self.address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self._tracked = set()
+        self._tracked_lock = threading.Lock()
+        self._stopping = threading.Event()
+        self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
         super().__init__(address, StatusHandler)
 
     def verify_request(self, request, client_address):
@@ -1681,6 +1710,40 @@ class StatusServer(_TrackedThreadsMixIn, http.server.ThreadingHTTPServer):
                          "status: refused %s: not in --status-allow", client_address[0])
         return False
 
+    def process_request(self, request, client_address):
+        thread = threading.Thread(target=self._process, args=(request, client_address),
+                                  name="tcpproxy-status-%s" % client_address[1])
+        thread.client = client_address[0]
+        with self._tracked_lock:
+            self._tracked.add(thread)
+        try:
+            thread.start()
+        except RuntimeError as exc:     # can't start new thread
+            with self._tracked_lock:
+                self._tracked.discard(thread)
+            _ratelimited.log(logging.ERROR, "status-thread", "status: cannot start a "
+                             "thread (%s): closing client %s", exc,
+                             _format_hostport(*client_address[:2]))
+            _reset_close(request)
+            self._stopping.wait(ACCEPT_BACKOFF)
+
+    def _process(self, request, client_address):
+        try:
+            self.process_request_thread(request, client_address)
+        finally:
+            with self._tracked_lock:
+                self._tracked.discard(threading.current_thread())
+
+    def threads(self):
+        with self._tracked_lock:
+            return list(self._tracked)
+
+    def join(self, deadline):
+        """Join request threads until *deadline* (monotonic); return stragglers."""
+        for thread in self.threads():
+            thread.join(max(0.0, deadline - time.monotonic()))
+        return [t for t in self.threads() if t.is_alive()]
+
     def get_request(self):
         try:
             return self.socket.accept()
@@ -1697,14 +1760,68 @@ class StatusServer(_TrackedThreadsMixIn, http.server.ThreadingHTTPServer):
         log.debug("status: error serving %s", client_address, exc_info=True)
 
 
+_EMPTY_STATS = _Stats().to_dict()
+
+
+def connections_report(proxy):
+    """What GET /connections returns."""
+    sessions, _ = proxy.registry.snapshot()
+    specs = [m.spec for m in proxy.mappings]
+    result = {"name": proxy.name, "connections": specs, "sessions": sessions}
+    if not specs:
+        result["error"] = "No connections!"
+    return result
+
+
+def status_report(proxy):
+    """What GET /status?format=json returns; "ok" drives the 200/503."""
+    sessions, stats = proxy.registry.snapshot()
+    backend = proxy.backend_state()
+    state = proxy.state
+    failures = proxy.failed_mappings
+    mappings = []
+    reasons = []
+    if state == "draining":
+        reasons.append("draining")
+    elif state != "running":
+        reasons.append(state)
+    for port, server in sorted(proxy.servers.items()):
+        mapping = server.mapping
+        dns_info = proxy.resolver.info(mapping.host)
+        listening = server.socket.fileno() != -1
+        if not listening and state == "running":
+            reasons.append("listener %d is down" % port)
+        mappings.append(dict(stats.get(port, _EMPTY_STATS), **{
+            "spec": mapping.spec, "listen": _format_hostport(*server.server_address[:2]),
+            "target": _format_hostport(mapping.host, mapping.port),
+            "listening": listening, "addresses": dns_info["addresses"],
+            "expires_in": dns_info["expires_in"], "stale": dns_info["stale"],
+            "dns_error": dns_info["error"],
+            "allow": [str(n) for n in mapping.allow],
+            "max_connections": mapping.max_connections}))
+    for spec, reason in sorted(failures.items()):
+        reasons.append("%s: %s" % (spec, reason))
+    if not backend.get("ok", True):
+        reasons.append("backend: %s" % (backend.get("error") or "no successful poll yet"))
+    return {"ok": not reasons, "reason": "; ".join(reasons) or "OK",
+            "version": __version__, "name": proxy.name,
+            "uptime": round(time.time() - proxy.started, 3) if proxy.started else 0,
+            "state": state, "backend": backend,
+            "active": len(sessions), "mappings": mappings,
+            "failed_mappings": failures,
+            "resolver": proxy.resolver.nameservers}
+
+
 # Proxy #######################################################################
 
 class Proxy:
     """A set of port mappings served by ProxyServers, plus status.
 
-    Methods for the caller: start(), apply(mappings), mappings,
-    connections(), status(), stop(timeout), set_backend_state(); use it as
-    a context manager to start and stop it.
+    Methods for the caller: start(), apply(mappings), mappings, servers,
+    connections(), status(), stop(timeout, drain), set_backend_state();
+    use it as a context manager to start and stop it.  Keyword arguments
+    are the command line's options (see build_parser()); *splice* and
+    *libc_io* choose the fast paths (default: where available).
     """
 
     def __init__(self, mappings=(), *, listen_host="0.0.0.0", resolver=None,
@@ -1713,106 +1830,40 @@ class Proxy:
                  idle_timeout=None, allow=(), max_connections=0, splice=None,
                  libc_io=None):
         self.listen_host = listen_host
-        if splice is None:
-            splice = HAVE_SPLICE and os.environ.get("TCPPROXY_SPLICE", "1") != "0"
-        if splice and not HAVE_SPLICE:
-            raise ConfigError("splice needs Linux and Python 3.10 or newer")
-        self.splice = bool(splice)
-        self.pump = pump
-        if libc_io is None:
-            libc_io = os.environ.get("TCPPROXY_LIBC_IO", "1") != "0"
-        self.libc = _LibcIO.load() if libc_io else None
-        # With splice, bulk reads bypass the buffers, so small ones will do.
-        self.buffers = _BufferPool(BULK_READ if splice else LARGE_BUFFER, libc=self.libc)
-        self.pipes = _PipePool() if splice else None
-        self.workers = _WorkerPool()
         self.resolver = resolver if resolver is not None else Resolver()
         self.connect_timeout = connect_timeout
-        self._connect_timeval = struct.pack(
+        self.connect_timeval = struct.pack(
             "ll", int(connect_timeout), int((connect_timeout % 1) * 1e6))
         self.close_on_dns_change = close_on_dns_change
         self.name = name
         self.idle_timeout = idle_timeout or None
-        self.allow = _networks(allow)
-        self.max_connections = max_connections or 0
+        self.allow = parse_allow(allow, "--allow")
+        self.max_connections = check_limit(max_connections, "--max-connections")
         self.registry = Registry()
+        self.workers = _WorkerPool()
+        self.spare = _SpareDescriptor()
+        self.libc, self.buffers, self.pipes = _fast_paths(splice, libc_io)
+        self.splice = self.pipes is not None
+        self.state = "new"
+        self.started = None
+        self.failed_mappings = {}        # spec -> reason, for /status
         self._status_address = status_address
-        self._status_allow = _networks(status_allow, "--status-allow")
+        self._status_allow = parse_allow(status_allow, "--status-allow")
         self._status_server = None
-        self._initial = list(mappings)
+        self._initial = check_unique_ports([(str(m), m) for m in mappings])
         self._servers = {}              # listen_port -> ProxyServer
         self._server_threads = {}       # listen_port -> serve_forever thread
-        self._failures = {}             # spec -> reason, for /status
         self._lock = threading.RLock()  # serialises start/apply/stop
-        self._rotation = {}
         self._backend = dict(backend_info or {"name": "static", "ok": True})
-        self._state = "new"
-        self._started = None
-        self._stop_event = threading.Event()
+        self._backend_lock = threading.Lock()
         self._watcher = None
-        self._spare_lock = threading.Lock()
-        self._spare_fd = None
-        self._check_duplicates(self._initial)
 
-    # context manager
     def __enter__(self):
         self.start()
         return self
 
     def __exit__(self, *exc):
         self.stop()
-
-    @staticmethod
-    def _check_duplicates(mappings):
-        seen = {}
-        for mapping in mappings:
-            if mapping.listen_port in seen and mapping.listen_port != 0:
-                raise ConfigError("listen port %d is used twice: %s and %s"
-                                  % (mapping.listen_port, seen[mapping.listen_port], mapping))
-            seen[mapping.listen_port] = mapping
-
-    # lifecycle
-    def start(self):
-        """Bind every listener and the status server, then serve."""
-        with self._lock:
-            if self._state != "new":
-                raise ProxyError("proxy already started")
-            self._started = time.time()
-            try:
-                self._spare_fd = os.open(os.devnull, os.O_RDONLY)
-            except OSError:
-                self._spare_fd = None
-            try:
-                for mapping in self._initial:
-                    self._start_server(mapping)
-                if self._status_address is not None:
-                    self._start_status()
-            except BaseException:
-                self._state = "running"
-                self.stop(timeout=1.0)
-                raise
-            if self.close_on_dns_change:
-                self.resolver.add_listener(self._dns_changed)
-                self._watcher = threading.Thread(target=self._watch_dns,
-                                                 name="tcpproxy-dns-watch")
-                self._watcher.start()
-            self._state = "running"
-            log.info("tcpproxy %s started: %s", __version__,
-                     ", ".join(m.spec for m in self.mappings) or "no mappings yet")
-        return self
-
-    def _start_status(self):
-        host, port = self._status_address
-        try:
-            server = StatusServer((host, port), self, self._status_allow)
-        except OSError as exc:
-            raise ConfigError("cannot serve status on %s: %s"
-                              % (_format_hostport(host, port), exc.strerror or exc)) from None
-        thread = threading.Thread(target=server.serve_forever, name="tcpproxy-status",
-                                  kwargs={"poll_interval": SERVE_POLL_INTERVAL})
-        thread.start()
-        self._status_server = (server, thread)
-        log.info("status on http://%s/status", _format_hostport(*server.server_address[:2]))
 
     @property
     def status_address(self):
@@ -1831,46 +1882,68 @@ class Proxy:
         lock so that /status answers while a drain holds it."""
         return dict(self._servers)
 
-    def _start_server(self, mapping):
-        try:
-            server = ProxyServer(mapping, self, self.listen_host)
-        except OSError as exc:
-            raise ConfigError("cannot listen on %s for %s: %s" % (
-                _format_hostport(self.listen_host, mapping.listen_port), mapping,
-                exc.strerror or exc)) from None
-        port = server.port
-        thread = threading.Thread(target=server.serve_forever, name="tcpproxy-listen-%d" % port,
-                                  kwargs={"poll_interval": SERVE_POLL_INTERVAL})
-        thread.start()
-        self._servers[port] = server
-        self._server_threads[port] = thread
-        self._rotation[port] = itertools.count()
-        log.info("listening on %s for %s", _format_hostport(self.listen_host, port), mapping)
-        return server
+    def is_draining(self):
+        return self.state in ("draining", "stopping", "stopped")
 
-    def _stop_server(self, port, deadline, reason):
-        server = self._servers.pop(port)
-        thread = self._server_threads.pop(port)
-        server.stop_accepting()
-        thread.join(max(0.0, deadline - time.monotonic()))
-        for session in self.registry.sessions(port):
-            session.abort(reason)
-        stragglers = server.join(deadline)
-        if stragglers:
-            log.warning("%d: %d connection(s) did not end in time", port, stragglers)
-        server.server_close()
-        self._rotation.pop(port, None)
-        self.registry.forget(port)
-        log.info("stopped listening on %d (%s)", port, reason)
+    def set_send_timeout(self, sock, timeval):
+        """Set SO_SNDTIMEO (through libc when it is there: see _LibcIO.setsockopt)."""
+        if self.libc is not None:
+            self.libc.setsockopt(sock, socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
+        else:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
+
+    def set_backend_state(self, info):
+        """Record the backend's state for /status ("ok" False answers 503
+        with "error" as the reason); replaces what was there."""
+        with self._backend_lock:
+            self._backend = dict(info)
+
+    def backend_state(self):
+        with self._backend_lock:
+            return dict(self._backend)
+
+    def connections(self):
+        """What GET /connections returns."""
+        return connections_report(self)
+
+    def status(self):
+        """What GET /status?format=json returns."""
+        return status_report(self)
+
+    def start(self):
+        """Bind every listener and the status server, then serve."""
+        with self._lock:
+            if self.state != "new":
+                raise ProxyError("proxy already started")
+            self.started = time.time()
+            self.spare.take()
+            try:
+                for mapping in self._initial:
+                    self._start_server(mapping)
+                if self._status_address is not None:
+                    self._start_status()
+            except BaseException:
+                self.state = "running"
+                self.stop(timeout=1.0)
+                raise
+            if self.close_on_dns_change:
+                self._watcher = DnsChangeWatcher(self)
+                self._watcher.start()
+            self.state = "running"
+            log.info("tcpproxy %s started: %s", __version__,
+                     ", ".join(m.spec for m in self.mappings) or "no mappings yet")
+        return self
 
     def apply(self, mappings, timeout=5.0):
-        """Make *mappings* the live set (see the class docstring)."""
-        mappings = list(mappings)
-        self._check_duplicates(mappings)
+        """Make *mappings* the live set: removed mappings stop (their
+        sessions are closed), new ones start, a changed target on the same
+        port keeps listening (open connections stay on the old target).
+        Raises ConfigError listing the mappings that could not start."""
+        mappings = check_unique_ports([(str(m), m) for m in mappings])
         wanted = {m.listen_port: m for m in mappings}
         failures = {}
         with self._lock:
-            if self._state != "running":
+            if self.state != "running":
                 raise ProxyError("proxy is not running")
             deadline = time.monotonic() + timeout
             for port in sorted(set(self._servers) - set(wanted)):
@@ -1887,14 +1960,11 @@ class Proxy:
                     log.info("%d: mapping changed: %s -> %s (open connections stay "
                              "on the old target)", port, server.mapping, mapping)
                     server.set_mapping(mapping)
-            self._failures = failures
+            self.failed_mappings = failures
         if failures:
             raise ConfigError("%d mapping(s) could not start: %s"
                               % (len(failures), "; ".join(failures.values())),
                               failures=failures)
-
-    def is_draining(self):
-        return self._state in ("draining", "stopping", "stopped")
 
     def stop(self, timeout=5.0, drain=0.0):
         """Stop listening, close every session and join every thread.
@@ -1903,25 +1973,24 @@ class Proxy:
         finish for up to *drain* seconds before they are closed.
         """
         with self._lock:
-            if self._state in ("stopped", "new"):
-                self._state = "stopped"
+            if self.state in ("stopped", "new"):
+                self.state = "stopped"
                 return
-            self._stop_event.set()
             if drain and self.registry.active():
-                self._state = "draining"
+                self.state = "draining"
                 log.warning("draining: waiting up to %gs for %d connection(s)",
                             drain, self.registry.active())
                 self._stop_accepting_all()
                 if not self._drain(drain):
                     log.warning("drain timeout: closing %d connection(s)",
                                 self.registry.active())
-            self._state = "stopping"
+            self.state = "stopping"
             deadline = time.monotonic() + timeout
             self._stop_accepting_all()
             for port in sorted(self._servers):
                 self._stop_server(port, deadline, "proxy stopping")
             if self._watcher is not None:
-                self._watcher.join(max(0.0, deadline - time.monotonic()))
+                self._watcher.stop(deadline)
             self.resolver.close(max(0.0, deadline - time.monotonic()))
             if self._status_server is not None:
                 server, thread = self._status_server
@@ -1936,11 +2005,67 @@ class Proxy:
                             ", ".join(t.name for t in leftover))
             if self.pipes is not None:
                 self.pipes.close()
-            if self._spare_fd is not None:
-                os.close(self._spare_fd)
-                self._spare_fd = None
-            self._state = "stopped"
+            self.spare.release()
+            self.state = "stopped"
             log.info("tcpproxy stopped")
+
+    def _drain(self, drain):
+        """Let sessions finish for up to *drain* seconds; a session with no
+        traffic for DRAIN_QUIET seconds is between requests and is closed
+        then (a pooled database connection never ends by itself)."""
+        deadline = time.monotonic() + drain
+        while True:
+            now = time.monotonic()
+            for session in self.registry.sessions():
+                if now - session.last_active >= DRAIN_QUIET:
+                    session.abort("quiet while draining")
+            if now >= deadline:
+                return not self.registry.active()
+            if self.registry.wait_idle(deadline=min(deadline, now + DRAIN_QUIET / 4)):
+                return True
+
+    def _start_status(self):
+        host, port = self._status_address
+        try:
+            server = StatusServer((host, port), self, self._status_allow)
+        except OSError as exc:
+            raise ConfigError("cannot serve status on %s: %s"
+                              % (_format_hostport(host, port), exc.strerror or exc)) from None
+        thread = threading.Thread(target=server.serve_forever, name="tcpproxy-status",
+                                  kwargs={"poll_interval": SERVE_POLL_INTERVAL})
+        thread.start()
+        self._status_server = (server, thread)
+        log.info("status on http://%s/status", _format_hostport(*server.server_address[:2]))
+
+    def _start_server(self, mapping):
+        try:
+            server = ProxyServer(mapping, self, self.listen_host)
+        except OSError as exc:
+            raise ConfigError("cannot listen on %s for %s: %s" % (
+                _format_hostport(self.listen_host, mapping.listen_port), mapping,
+                exc.strerror or exc)) from None
+        port = server.port
+        thread = threading.Thread(target=server.serve_forever, name="tcpproxy-listen-%d" % port,
+                                  kwargs={"poll_interval": SERVE_POLL_INTERVAL})
+        thread.start()
+        self._servers[port] = server
+        self._server_threads[port] = thread
+        log.info("listening on %s for %s", _format_hostport(self.listen_host, port), mapping)
+        return server
+
+    def _stop_server(self, port, deadline, reason):
+        server = self._servers.pop(port)
+        thread = self._server_threads.pop(port)
+        server.stop_accepting()
+        thread.join(max(0.0, deadline - time.monotonic()))
+        for session in self.registry.sessions(port):
+            session.abort(reason)
+        if not self.registry.wait_idle(port, deadline):
+            log.warning("%d: %d connection(s) did not end in time", port,
+                        self.registry.active(port))
+        server.server_close()
+        self.registry.forget(port)
+        log.info("stopped listening on %d (%s)", port, reason)
 
     def _stop_accepting_all(self):
         """stop_accepting() every listener at once: each waits up to one
@@ -1953,208 +2078,6 @@ class Proxy:
             thread.start()
         for thread in stoppers:
             thread.join()
-
-    def _drain(self, drain):
-        """Let sessions finish for up to *drain* seconds; a session with no
-        traffic for DRAIN_QUIET seconds is between requests and is closed
-        then (a pooled database connection never ends by itself)."""
-        deadline = time.monotonic() + drain
-        while True:
-            now = time.monotonic()
-            for session in self.registry.sessions():
-                if now - session.last_active >= DRAIN_QUIET:
-                    session.abort("quiet while draining")
-            remaining = deadline - now
-            if remaining <= 0:
-                return not self.registry.active()
-            if self.registry.wait_idle(min(remaining, DRAIN_QUIET / 4)):
-                return True
-
-    # connections
-    def connect_upstream(self, mapping, session):
-        """Connect *session* to *mapping*'s target, trying every address
-        from a rotating start; return the socket or None (reason logged)."""
-        try:
-            addresses = self.resolver.lookup(mapping.host)
-        except ResolveError as exc:
-            _ratelimited.log(logging.WARNING, ("resolve", mapping.listen_port),
-                             "%d: closing client %s: %s", mapping.listen_port,
-                             _format_hostport(*session.client[:2]), exc)
-            session.abort("cannot resolve %s" % mapping.host)
-            return None
-        counter = self._rotation.get(mapping.listen_port)
-        start = next(counter) % len(addresses) if counter is not None else 0
-        errors = []
-        for address in addresses[start:] + addresses[:start]:
-            if session.closed_reason is not None:
-                return None
-            family = socket.AF_INET6 if ":" in address else socket.AF_INET
-            try:
-                sock = socket.socket(family, socket.SOCK_STREAM)
-            except OSError as exc:
-                errors.append("%s: %s" % (address, exc.strerror or exc))
-                break
-            with session.lock:               # abort() may now interrupt connect()
-                if session.closed_reason is not None:
-                    sock.close()
-                    return None
-                session.upstream_sock = sock
-            try:
-                # SO_SNDTIMEO bounds a blocking connect() (EINPROGRESS when it
-                # expires): two syscalls instead of settimeout()'s four fcntl.
-                self._send_timeout(sock, self._connect_timeval)
-                sock.connect((address, mapping.port))
-                self._send_timeout(sock, _TIMEVAL_ZERO)
-            except OSError as exc:
-                with session.lock:
-                    session.upstream_sock = None
-                    sock.close()
-                if session.closed_reason is not None:
-                    return None
-                if isinstance(exc, socket.timeout) or exc.errno in (errno.EINPROGRESS,
-                                                                    errno.EAGAIN):
-                    reason = "timed out after %gs" % self.connect_timeout
-                else:
-                    reason = exc.strerror or str(exc)
-                errors.append("%s: %s" % (_format_hostport(address, mapping.port), reason))
-                log.info("%d: connect to %s failed: %s", mapping.listen_port,
-                         _format_hostport(address, mapping.port), reason)
-                continue
-            _tune(sock)
-            if session.closed_reason is not None:
-                return None                   # finish_session() closes it
-            session.upstream_address = (address, mapping.port)
-            return sock
-        _ratelimited.log(logging.WARNING, ("connect", mapping.listen_port),
-                         "%d: closing client %s: no upstream for %s accepted (%s)",
-                         mapping.listen_port, _format_hostport(*session.client[:2]),
-                         mapping, "; ".join(errors) or "no address")
-        session.abort("upstream unreachable", reset=True)
-        return None
-
-    def _send_timeout(self, sock, timeval):
-        """Set SO_SNDTIMEO (through libc when it is there: see _LibcIO.setsockopt)."""
-        if self.libc is not None:
-            self.libc.setsockopt(sock, socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
-        else:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
-
-    def finish_session(self, session, server=None):
-        """Close *session* for good: log, unregister, close both sockets."""
-        if log.isEnabledFor(logging.INFO) and session.state == "open":
-            log.info("%d: %s closed (%s), %d bytes up, %d bytes down",
-                     session.listen_port, _format_hostport(*session.client[:2]),
-                     session.closed_reason or "done", session.bytes_up, session.bytes_down)
-        self.registry.close(session)
-        session.close(self.libc)
-        server = server or session.server
-        if server is not None:
-            server.session_done()
-
-    def accept_exhausted(self, server, exc):
-        """accept() failed for lack of descriptors: shed one client and back off."""
-        _ratelimited.log(logging.ERROR, ("accept", server.port), "%d: cannot accept (%s): "
-                         "shedding a client and backing off", server.port, exc.strerror)
-        with self._spare_lock:
-            if self._spare_fd is not None:
-                os.close(self._spare_fd)
-                self._spare_fd = None
-                try:
-                    conn, _ = server.socket.accept()
-                    _reset_close(conn)
-                except OSError:
-                    pass
-                try:
-                    self._spare_fd = os.open(os.devnull, os.O_RDONLY)
-                except OSError:
-                    self._spare_fd = None
-        server._stopping.wait(ACCEPT_BACKOFF)
-
-    # DNS change handling
-    def _dns_changed(self, host, old, new):
-        if not old:
-            return
-        keep = set(new)
-        ports = {port for port, s in self.servers.items() if s.mapping.host == host}
-        for session in self.registry.sessions():
-            if (session.listen_port in ports and session.upstream_address
-                    and session.upstream_address[0] not in keep):
-                log.warning("%d: closing %s: %s no longer resolves to %s",
-                            session.listen_port, _format_hostport(*session.client[:2]),
-                            host, session.upstream_address[0])
-                session.abort("DNS changed", reset=True)
-
-    def _watch_dns(self):
-        """Re-resolve names that live connections depend on when they expire."""
-        while not self._stop_event.is_set():
-            wait = 5.0
-            hosts = {s.mapping.host for s in self.servers.values() if not _is_ip(s.mapping.host)}
-            for host in hosts:
-                remaining = self.resolver.expires_in(host)
-                if remaining is None or remaining <= 0:
-                    try:
-                        self.resolver.lookup(host)
-                    except ResolveError:
-                        pass
-                    remaining = self.resolver.expires_in(host)
-                if remaining is not None:
-                    wait = min(wait, max(remaining, 0.0))
-            self._stop_event.wait(max(wait, 0.5))
-
-    # reporting
-    def set_backend_state(self, info):
-        """Record the backend's state for /status ("ok" False answers 503
-        with "error" as the reason); replaces what was there."""
-        with self.registry.lock:
-            self._backend = dict(info)
-
-    def connections(self):
-        """What GET /connections returns."""
-        sessions, _ = self.registry.snapshot()
-        specs = [m.spec for m in self.mappings]
-        result = {"name": self.name, "connections": specs, "sessions": sessions}
-        if not specs:
-            result["error"] = "No connections!"
-        return result
-
-    def status(self):
-        """What GET /status?format=json returns; "ok" drives the 200/503."""
-        sessions, stats = self.registry.snapshot()
-        with self.registry.lock:
-            backend = dict(self._backend)
-        mappings = []
-        reasons = []
-        if self._state == "draining":
-            reasons.append("draining")
-        elif self._state != "running":
-            reasons.append(self._state)
-        for port, server in sorted(self.servers.items()):
-            mapping = server.mapping
-            dns_info = self.resolver.info(mapping.host)
-            counters = stats.get(port, {"active": 0, "total": 0, "bytes_up": 0,
-                                        "bytes_down": 0, "refused": 0, "failed": 0})
-            listening = server.socket.fileno() != -1
-            if not listening and self._state == "running":
-                reasons.append("listener %d is down" % port)
-            mappings.append(dict(counters, **{
-                "spec": mapping.spec, "listen": _format_hostport(*server.server_address[:2]),
-                "target": _format_hostport(mapping.host, mapping.port),
-                "listening": listening, "addresses": dns_info["addresses"],
-                "expires_in": dns_info["expires_in"], "stale": dns_info["stale"],
-                "dns_error": dns_info["error"],
-                "allow": [str(n) for n in mapping.allow],
-                "max_connections": mapping.max_connections}))
-        for spec, reason in sorted(self._failures.items()):
-            reasons.append("%s: %s" % (spec, reason))
-        if not backend.get("ok", True):
-            reasons.append("backend: %s" % (backend.get("error") or "no successful poll yet"))
-        return {"ok": not reasons, "reason": "; ".join(reasons) or "OK",
-                "version": __version__, "name": self.name,
-                "uptime": round(time.time() - self._started, 3) if self._started else 0,
-                "state": self._state, "backend": backend,
-                "active": len(sessions), "mappings": mappings,
-                "failed_mappings": dict(self._failures),
-                "resolver": self.resolver.nameservers}
 
 
 # Backends ####################################################################
@@ -2187,9 +2110,13 @@ def load_backend(name, options, client=None):
         raise ConfigError("unknown backend %r (choose from %s)" % (name, ", ".join(BACKENDS)))
     try:
         module = importlib.import_module("tcpproxy_backends." + name)
-    except ImportError as exc:
-        raise BackendError("the %s backend is not installed (%s): pip install "
-                           "'tcpproxy[aws]'" % (name, exc)) from None
+    except ModuleNotFoundError as exc:
+        if not (exc.name or "").startswith("tcpproxy_backends"):
+            raise BackendError("the %s backend cannot load: %s" % (name, exc)) from None
+        raise BackendError(
+            "the %s backend lives in the tcpproxy_backends package, which is not "
+            "installed: put the tcpproxy_backends folder next to tcpproxy.py, or "
+            "pip install 'tcpproxy[%s]'" % (name, "yaml" if name == "file" else "aws")) from None
     return module.Backend(options, client=client) if client is not None else module.Backend(options)
 
 
@@ -2299,6 +2226,231 @@ class BackendPoller:
             self._poke.clear()
 
 
+# Linux fast paths ############################################################
+#
+# Optional speed-ups that the connection path uses when present: the C
+# library's recv/send with the GIL held, splice() through pooled pipes,
+# pooled copy buffers, and binding the process to one CPU (main() only).
+
+class _BufferPool:
+    """Reusable copy buffers for the pumps (list append/pop are atomic).
+    Only *keep* are kept between bursts: they count in every idle
+    connection's share of memory.  An entry is ``(bytearray, address)``;
+    the address (for libc I/O) is None when *libc* is None."""
+
+    def __init__(self, size=LARGE_BUFFER, keep=16, libc=None):
+        self.size = size
+        self.keep = keep
+        self.libc = libc
+        self._free = []
+
+    def get(self):
+        try:
+            return self._free.pop()
+        except IndexError:
+            buf = bytearray(self.size)
+            return buf, (self.libc.address(buf) if self.libc is not None else None)
+
+    def put(self, entry):
+        if len(self._free) < self.keep:
+            self._free.append(entry)
+
+
+class _LibcIO:
+    """recv() and send() called straight from the C library, with the GIL held.
+
+    Python's socket methods release the GIL around every system call.
+    With many busy connections each release hands the GIL to another
+    thread and costs a context switch, which makes a 64-byte request
+    cost several of them.  A pump calls recv() only after poll() said
+    the socket is readable, and both calls use MSG_DONTWAIT, so they
+    never block: holding the GIL through them is safe and halves the
+    CPU per request.  A send() that would block (the reader is slow)
+    falls back to socket.sendall(), which waits with the GIL released.
+
+    Used only on Linux, through ctypes.PyDLL (the library already
+    loaded; nothing is compiled).  TCPPROXY_LIBC_IO=0 or
+    Proxy(libc_io=False) turns it off.
+    """
+
+    FLAGS_RECV = int(getattr(socket, "MSG_DONTWAIT", 0x40))
+    FLAGS_SEND = FLAGS_RECV | int(getattr(socket, "MSG_NOSIGNAL", 0x4000))
+
+    def __init__(self):
+        import ctypes                        # only when used: it costs 3 ms to import
+        libc = ctypes.PyDLL(None)
+        self._ctypes = ctypes
+        # No argtypes: converting each argument through them costs more
+        # than the call.  Buffers are passed as c_void_p objects, all the
+        # rest as Python ints (C ints, widened by libffi; sizes are far
+        # below 2**31).
+        self.recv, self.send = libc.recv, libc.send
+        self.recv.restype = self.send.restype = ctypes.c_ssize_t
+        self._shutdown, self._close = libc.shutdown, libc.close
+        self._setsockopt = libc.setsockopt
+        self._shutdown.restype = self._close.restype = self._setsockopt.restype = ctypes.c_int
+        # errno is read from the C library's own per-thread variable: ctypes'
+        # use_errno copy would cost every pump thread a dictionary (0.4 KiB
+        # per idle connection).  Only integers are made between the failed
+        # call and the read, so nothing else can change errno meanwhile.
+        errno_location = getattr(libc, "__errno_location")   # no name mangling
+        errno_location.restype = ctypes.POINTER(ctypes.c_int)
+        self.get_errno = lambda: errno_location()[0]
+
+    def address(self, buf):
+        """A pointer to a bytearray's storage (it is never resized)."""
+        ctypes = self._ctypes
+        return ctypes.c_void_p(ctypes.addressof((ctypes.c_char * len(buf)).from_buffer(buf)))
+
+    def setsockopt(self, sock, level, name, value):
+        """sock.setsockopt(level, name, value) for a bytes *value*.  Python's
+        own tries to parse an int first and fails, which takes a page more
+        of the thread's stack, for good (4 KiB per connection)."""
+        if self._setsockopt(sock.fileno(), level, name, value, len(value)) != 0:
+            err = self.get_errno()
+            raise OSError(err, os.strerror(err))
+
+    def shutdown(self, sock, how):
+        """sock.shutdown(how), errors ignored: it never blocks."""
+        self._shutdown(sock.fileno(), how)
+
+    def close(self, sock):
+        """sock.close(): it does not block, as the proxy never sets a
+        SO_LINGER timeout (only an immediate reset)."""
+        fd = sock.detach()
+        if fd >= 0:
+            self._close(fd)
+
+    @classmethod
+    @functools.lru_cache(maxsize=None)
+    def load(cls):
+        """The shared instance, or None where it is not available."""
+        if not sys.platform.startswith("linux"):
+            return None
+        try:
+            return cls()
+        except (ImportError, OSError, AttributeError) as exc:
+            log.debug("libc I/O is not available (%s): using socket methods", exc)
+            return None
+
+
+class _PipePool:
+    """Reusable pipes for the splice pump; a pipe goes back only when empty."""
+
+    def __init__(self, size=LARGE_BUFFER, keep=64):
+        self.size = size
+        self.keep = keep
+        self.lock = threading.Lock()
+        self._free = []
+        self._closed = False
+
+    def get(self):
+        try:
+            return self._free.pop()
+        except IndexError:
+            pass
+        r, w = os.pipe2(os.O_CLOEXEC) if hasattr(os, "pipe2") else os.pipe()
+        try:
+            fcntl.fcntl(w, F_SETPIPE_SZ, self.size)
+        except OSError:
+            pass
+        return r, w
+
+    def put(self, pipe):
+        with self.lock:
+            if not self._closed and len(self._free) < self.keep:
+                self._free.append(pipe)
+                return
+        self.discard(pipe)
+
+    @staticmethod
+    def discard(pipe):
+        for fd in pipe:
+            os.close(fd)
+
+    def close(self):
+        with self.lock:
+            self._closed = True
+            free, self._free = self._free, []
+        for pipe in free:
+            self.discard(pipe)
+
+
+def _fast_paths(splice=None, libc_io=None):
+    """(libc, buffers, pipes) for a Proxy.  *splice* None means "where
+    available" (Linux, Python 3.10+, TCPPROXY_SPLICE not 0); *libc_io*
+    None means unless TCPPROXY_LIBC_IO=0.  pipes is None without splice."""
+    if splice is None:
+        splice = HAVE_SPLICE and os.environ.get("TCPPROXY_SPLICE", "1") != "0"
+    if splice and not HAVE_SPLICE:
+        raise ConfigError("splice needs Linux and Python 3.10 or newer")
+    if libc_io is None:
+        libc_io = os.environ.get("TCPPROXY_LIBC_IO", "1") != "0"
+    libc = _LibcIO.load() if libc_io else None
+    # With splice, bulk reads bypass the buffers, so small ones will do.
+    buffers = _BufferPool(BULK_READ if splice else LARGE_BUFFER, libc=libc)
+    return libc, buffers, (_PipePool() if splice else None)
+
+
+def parse_cpus(text):
+    """--cpus: 'auto', 'all' or a list such as '3' or '0,2-3' -> 'auto', None or a set."""
+    text = text.strip().lower()
+    if text in ("auto", "all"):
+        return None if text == "all" else "auto"
+    cpus = set()
+    try:
+        for part in text.split(","):
+            low, dash, high = part.partition("-")
+            low, high = int(low), int(high if dash else low)
+            if low < 0 or high < low:
+                raise ValueError
+            cpus.update(range(low, high + 1))
+    except ValueError:
+        raise ValueError("invalid CPU list %r: use auto, all or numbers such as 1 or 0,2-3"
+                         % text) from None
+    return cpus
+
+
+def pin_cpus(spec):
+    """Bind this process to the CPUs *spec* names (a parse_cpus() result or
+    its text); return them.
+
+    'auto' picks one CPU, the last one the process may use.  Python runs
+    one thread at a time (the GIL), so a proxy cannot use more than about
+    one CPU; spread over several, every hand-over of the GIL between pump
+    threads becomes a cross-CPU wake-up, which costs more than the work
+    itself (2-2.5x the CPU per request and per connection, measured).
+    The process also switches to the SCHED_BATCH policy: a pump thread
+    woken by its socket then waits for the running one to block instead
+    of preempting it only to find the GIL taken.  None ('all') leaves
+    affinity and policy alone.  Call it before starting any thread:
+    threads inherit both from the thread that starts them.
+    """
+    if isinstance(spec, str):
+        spec = parse_cpus(spec)
+    if spec is None or not hasattr(os, "sched_setaffinity"):
+        return None
+    allowed = sorted(os.sched_getaffinity(0))
+    if spec == "auto":
+        cpus = {allowed[-1]}
+    else:
+        cpus = set(spec) & set(allowed)
+        if not cpus:
+            raise ConfigError("--cpus %s: this process may only use CPUs %s" % (
+                ",".join(map(str, sorted(spec))), ",".join(map(str, allowed))))
+    try:
+        os.sched_setaffinity(0, cpus)
+    except OSError as exc:
+        raise ConfigError("cannot bind to CPUs %s: %s" % (
+            ",".join(map(str, sorted(cpus))), exc.strerror)) from None
+    try:
+        os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
+    except (AttributeError, OSError) as exc:
+        log.debug("cannot use SCHED_BATCH: %s", exc)
+    return cpus
+
+
+
 # CLI #########################################################################
 
 EPILOG = """\
@@ -2358,64 +2510,6 @@ def _listen_address(text):
 
 def _resolver_address(text):
     return parse_hostport(text, default_port=53, what="resolver")
-
-
-def parse_cpus(text):
-    """--cpus: 'auto', 'all' or a list such as '3' or '0,2-3' -> 'auto', None or a set."""
-    text = text.strip().lower()
-    if text in ("auto", "all"):
-        return None if text == "all" else "auto"
-    cpus = set()
-    try:
-        for part in text.split(","):
-            low, dash, high = part.partition("-")
-            low, high = int(low), int(high if dash else low)
-            if low < 0 or high < low:
-                raise ValueError
-            cpus.update(range(low, high + 1))
-    except ValueError:
-        raise ValueError("invalid CPU list %r: use auto, all or numbers such as 1 or 0,2-3"
-                         % text) from None
-    return cpus
-
-
-def pin_cpus(spec):
-    """Bind this process to the CPUs *spec* names (a parse_cpus() result or
-    its text); return them.
-
-    'auto' picks one CPU, the last one the process may use.  Python runs
-    one thread at a time (the GIL), so a proxy cannot use more than about
-    one CPU; spread over several, every hand-over of the GIL between pump
-    threads becomes a cross-CPU wake-up, which costs more than the work
-    itself (2-2.5x the CPU per request and per connection, measured).
-    The process also switches to the SCHED_BATCH policy: a pump thread
-    woken by its socket then waits for the running one to block instead
-    of preempting it only to find the GIL taken.  None ('all') leaves
-    affinity and policy alone.  Call it before starting any thread:
-    threads inherit both from the thread that starts them.
-    """
-    if isinstance(spec, str):
-        spec = parse_cpus(spec)
-    if spec is None or not hasattr(os, "sched_setaffinity"):
-        return None
-    allowed = sorted(os.sched_getaffinity(0))
-    if spec == "auto":
-        cpus = {allowed[-1]}
-    else:
-        cpus = set(spec) & set(allowed)
-        if not cpus:
-            raise ConfigError("--cpus %s: this process may only use CPUs %s" % (
-                ",".join(map(str, sorted(spec))), ",".join(map(str, allowed))))
-    try:
-        os.sched_setaffinity(0, cpus)
-    except OSError as exc:
-        raise ConfigError("cannot bind to CPUs %s: %s" % (
-            ",".join(map(str, sorted(cpus))), exc.strerror)) from None
-    try:
-        os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
-    except (AttributeError, OSError) as exc:
-        log.debug("cannot use SCHED_BATCH: %s", exc)
-    return cpus
 
 
 def _backend_name(text):
@@ -2517,15 +2611,15 @@ def parse_args(argv=None):
     args = parser.parse_args(_normalise_argv(argv, parser))
     try:
         args.status_address = _status_address(args.status)
-    except ValueError as exc:
+    except (ValueError, ConfigError) as exc:
         parser.error("argument --status: %s" % exc)
     try:
         args.mappings = parse_connections(args.connections)
     except ConfigError as exc:
         parser.error("argument --connections: %s" % exc)
     try:
-        args.allow_networks = _networks(args.allow)
-        args.status_allow_networks = _networks(args.status_allow, "--status-allow")
+        args.allow_networks = parse_allow(args.allow, "--allow")
+        args.status_allow_networks = parse_allow(args.status_allow, "--status-allow")
     except ConfigError as exc:
         parser.error(str(exc))
     if args.backend == "static" and not args.mappings:

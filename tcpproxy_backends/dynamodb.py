@@ -20,85 +20,21 @@ create-table|put|delete|list``.
 
 import argparse
 import logging
-import os
 import sys
 
 import tcpproxy
-from tcpproxy import BackendError, ConfigError, Mapping
+from tcpproxy import BackendError, ConfigError, Mapping, check_limit, parse_allow
 
-from . import _first_per_port, _parse_allow, _parse_max_connections
+from . import _first_per_port
+from .aws import CONNECT_TIMEOUT, READ_TIMEOUT, aws_reason, import_boto3, make_client
 
-__all__ = ["Backend", "cli", "DEFAULT_TABLE"]
+__all__ = ["Backend", "cli", "DEFAULT_TABLE", "make_client", "CONNECT_TIMEOUT", "READ_TIMEOUT"]
 
 log = logging.getLogger(__name__)
 
 DEFAULT_TABLE = "classic-proxy"
 HASH_KEY = "proxy_name"
 RANGE_KEY = "proxy_configuration"
-
-# Timeouts and retries of one API call.  The poller retries a failed poll
-# itself, so botocore's own retries are kept short; AWS_MAX_ATTEMPTS and
-# AWS_RETRY_MODE (or the config file) still override them.
-CONNECT_TIMEOUT = 5.0
-READ_TIMEOUT = 15.0
-MAX_ATTEMPTS = 3
-
-
-def _boto3(backend="dynamodb"):
-    try:
-        import boto3
-        import botocore.config
-        import botocore.exceptions
-        import botocore.session
-    except ImportError:
-        raise BackendError("%s needs boto3: pip install 'tcpproxy[aws]'" % backend) from None
-    return boto3, botocore
-
-
-def _configured(core, variable, key):
-    """True when the user set *key* in the environment or the AWS config file."""
-    if os.environ.get(variable):
-        return True
-    try:
-        return key in core.get_scoped_config()
-    except Exception:  # noqa: BLE001 - a bad profile is reported by the client itself
-        return False
-
-
-def make_client(service, region=None):
-    """Return a boto3 client for ``service`` with short timeouts and retries.
-
-    The region is ``region`` or the standard chain (AWS_REGION,
-    AWS_DEFAULT_REGION, the config file); the endpoint and credentials are the
-    standard chain's.  Raises ConfigError when no region is configured.
-    """
-    boto3, botocore = _boto3(service)
-    core = botocore.session.get_session()
-    session = boto3.session.Session(botocore_session=core, region_name=region or None)
-    if not session.region_name:
-        raise ConfigError("%s: no AWS region configured: pass --region or set AWS_REGION"
-                          % service)
-    retries = {}
-    if not _configured(core, "AWS_RETRY_MODE", "retry_mode"):
-        retries["mode"] = "standard"
-    if not _configured(core, "AWS_MAX_ATTEMPTS", "max_attempts"):
-        retries["total_max_attempts"] = MAX_ATTEMPTS
-    config = botocore.config.Config(connect_timeout=CONNECT_TIMEOUT,
-                                    read_timeout=READ_TIMEOUT,
-                                    retries=retries or None)
-    return session.client(service, config=config)
-
-
-def _aws_reason(exc):
-    """One line saying why an AWS call failed."""
-    response = getattr(exc, "response", None)
-    if isinstance(response, dict) and "Error" in response:
-        error = response["Error"]
-        code = error.get("Code", "Error")
-        message = error.get("Message") or ""
-        return ("%s: %s" % (code, message)).rstrip(": ")
-    return "%s: %s" % (type(exc).__name__, exc)
-
 
 def _plain(value):
     """Turn a DynamoDB AttributeValue ({"S": ...}, {"L": [...]}, ...) into Python."""
@@ -125,7 +61,7 @@ def _item_mapping(item):
         kind = next(iter(allow)) if isinstance(allow, dict) and len(allow) == 1 else None
         if kind not in ("S", "SS", "L", "NULL"):
             raise ValueError("allow must be a list or a comma separated string of CIDRs")
-        allow = _parse_allow(_plain(allow))
+        allow = parse_allow(_plain(allow))
         if allow:
             options["allow"] = allow
     if "max_connections" in item:
@@ -133,7 +69,7 @@ def _item_mapping(item):
         kind = next(iter(maximum)) if isinstance(maximum, dict) and len(maximum) == 1 else None
         if kind not in ("N", "S", "NULL"):
             raise ValueError("max_connections must be a number")
-        maximum = _parse_max_connections(_plain(maximum))
+        maximum = check_limit(_plain(maximum))
         if maximum:
             options["max_connections"] = maximum
     return Mapping.parse(spec["S"], **options)
@@ -163,7 +99,7 @@ class Backend:
         self.region = getattr(options, "region", None)
         if not self.proxy:
             raise ConfigError("no proxy name: --backend dynamodb needs --proxy NAME")
-        self._boto3, self._botocore = _boto3()
+        self._boto3, self._botocore = import_boto3("dynamodb")
         self.client = client if client is not None else make_client("dynamodb", self.region)
         self.items = None
         self.pages = None
@@ -205,7 +141,7 @@ class Backend:
         except (self._botocore.exceptions.BotoCoreError,
                 self._botocore.exceptions.ClientError) as exc:
             raise BackendError("DynamoDB query of table %s for proxy %r failed: %s"
-                               % (self.table, self.proxy, _aws_reason(exc))) from exc
+                               % (self.table, self.proxy, aws_reason(exc))) from exc
         entries = []
         for item in items:
             label = _label(item)
@@ -318,8 +254,8 @@ def _create_table(client, args):
 def _put(client, args):
     options = {}
     try:
-        allow = _parse_allow(args.allow)
-        maximum = _parse_max_connections(args.max_connections)
+        allow = parse_allow(args.allow, "--allow")
+        maximum = check_limit(args.max_connections, "--max-connections")
         mappings = [Mapping.parse(spec) for spec in args.specs]
     except (ValueError, tcpproxy.ProxyError) as exc:
         log.error("%s", exc)
@@ -329,7 +265,7 @@ def _put(client, args):
         log.error("two specs listen on the same port: %s", " ".join(args.specs))
         return 2
     if allow:
-        options["allow"] = {"L": [{"S": a} for a in allow]}
+        options["allow"] = {"L": [{"S": str(a)} for a in allow]}
     if maximum:
         options["max_connections"] = {"N": str(maximum)}
     actions = []
@@ -400,10 +336,10 @@ def _list(client, args):
         line = [item[RANGE_KEY]["S"]]
         try:
             if "allow" in item:
-                line.append("allow=" + ",".join(_parse_allow(_plain(item["allow"]))))
+                line.append("allow=" + ",".join(map(str, parse_allow(_plain(item["allow"])))))
             if "max_connections" in item:
                 line.append("max_connections=%s" % _plain(item["max_connections"]))
-        except ValueError as exc:
+        except (ValueError, tcpproxy.ProxyError) as exc:
             line.append("(invalid: %s)" % exc)
         _write(" ".join(line))
     return 0
@@ -423,7 +359,7 @@ def cli(argv=None, client=None):
     commands = {"create-table": _create_table, "put": _put, "delete": _delete,
                 "list": _list}
     try:
-        _, botocore = _boto3()
+        _, botocore = import_boto3("dynamodb")
         if client is None:
             client = make_client("dynamodb", args.region)
         return commands[args.command](client, args)
@@ -432,5 +368,5 @@ def cli(argv=None, client=None):
         return 1
     except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as exc:
         log.error("tcpproxy dynamodb %s (table %s) failed: %s",
-                  args.command, args.table, _aws_reason(exc))
+                  args.command, args.table, aws_reason(exc))
         return 1

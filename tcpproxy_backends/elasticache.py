@@ -17,9 +17,9 @@ the poll fails (BackendError) and is retried.
 
 import logging
 
-from tcpproxy import BackendError, ConfigError, Mapping, ProxyError
+from tcpproxy import BackendError, ConfigError, Mapping, ProxyError, check_port
 
-from .dynamodb import _aws_reason, _boto3, make_client
+from .aws import aws_reason, import_boto3, make_client
 
 __all__ = ["Backend"]
 
@@ -47,16 +47,10 @@ class Backend:
         if port is None or port == -1:
             raise ConfigError("no local port: --backend elasticache needs "
                               "--elasticache-port PORT")
-        try:
-            port = int(port)
-        except (TypeError, ValueError):
-            port = 0
-        if not 1 <= port <= 65535:
-            raise ConfigError("--elasticache-port %r is not a port number (1-65535)"
-                              % (getattr(options, "elasticache_port", None),))
+        port = check_port(port if isinstance(port, int) else str(port), "--elasticache-port")
         self.listen_port = port
         self.region = getattr(options, "region", None)
-        self._boto3, self._botocore = _boto3("elasticache")
+        self._boto3, self._botocore = import_boto3("elasticache")
         self.client = client if client is not None else make_client("elasticache",
                                                                      self.region)
         self.node = None            # CacheNodeId of the current target
@@ -71,7 +65,7 @@ class Backend:
         except (self._botocore.exceptions.BotoCoreError,
                 self._botocore.exceptions.ClientError) as exc:
             raise BackendError("DescribeCacheClusters %s failed: %s"
-                               % (self.cluster_id, _aws_reason(exc))) from exc
+                               % (self.cluster_id, aws_reason(exc))) from exc
         clusters = response.get("CacheClusters")
         if not isinstance(clusters, list):
             raise BackendError("DescribeCacheClusters %s: malformed answer "

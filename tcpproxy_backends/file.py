@@ -34,9 +34,10 @@ anchors to reuse (``allow: *office``).
 import logging
 import os
 
-from tcpproxy import BackendError, ConfigError, Mapping, ProxyError
+from tcpproxy import (BackendError, ConfigError, Mapping, ProxyError, check_limit,
+                      check_port, parse_allow)
 
-from . import _first_per_port, _parse_allow, _parse_max_connections
+from . import _first_per_port
 
 __all__ = ["Backend", "parse_config"]
 
@@ -73,15 +74,6 @@ def _where(name, node):
     return "%s line %d" % (name, node.start_mark.line + 1)
 
 
-def _port(value, what):
-    if isinstance(value, bool) or not isinstance(value, (int, str)):
-        raise ValueError("%s must be a port number, not %r" % (what, value))
-    text = str(value).strip()
-    if not text.isdigit() or not 1 <= int(text) <= 65535:
-        raise ValueError("%s %r is not a port number (1-65535)" % (what, value))
-    return int(text)
-
-
 def _item_mapping(item):
     """Return the Mapping of one entry of ``mappings``; ValueError/ProxyError if bad."""
     if isinstance(item, str):
@@ -95,7 +87,7 @@ def _item_mapping(item):
                          % (", ".join(map(repr, unknown)), ", ".join(ITEM_KEYS)))
     if "listen" not in item:
         raise ValueError("no listen port (listen: PORT)")
-    listen = _port(item["listen"], "listen")
+    listen = check_port(item["listen"], "listen")
     if "target" in item:
         if "host" in item or "port" in item:
             raise ValueError("give either target: HOST:PORT or host: and port:, not both")
@@ -110,14 +102,14 @@ def _item_mapping(item):
         host = host.strip()
         if ":" in host and not host.startswith("["):
             host = "[%s]" % host
-        spec = "%d:%s:%d" % (listen, host, _port(item["port"], "port"))
+        spec = "%d:%s:%d" % (listen, host, check_port(item["port"], "port"))
     else:
         raise ValueError("no target (target: HOST:PORT, or host: and port:)")
     options = {}
-    allow = _parse_allow(item.get("allow"))
+    allow = parse_allow(item.get("allow"))
     if allow:
         options["allow"] = allow
-    maximum = _parse_max_connections(item.get("max_connections"))
+    maximum = check_limit(item.get("max_connections"))
     if maximum:
         options["max_connections"] = maximum
     return Mapping.parse(spec, **options)

@@ -773,7 +773,7 @@ def test_thread_exhaustion_closes_the_client_and_recovers(echo, caplog, monkeypa
             assert closed_promptly(addr, 3)
         assert echo_once(addr, b"back again") == b"back again"
         assert wait_until(lambda: proxy.registry.active() == 0, 5)
-        assert wait_until(lambda: proxy.servers[mapping.listen_port].active() == 0, 5)
+        assert wait_until(lambda: proxy.registry.active(mapping.listen_port) == 0, 5)
         messages = [r.getMessage() for r in caplog.records]
         assert any("cannot start a thread" in m for m in messages), messages
         assert any("cannot start a pump thread" in m for m in messages), messages

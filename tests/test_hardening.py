@@ -245,10 +245,10 @@ def test_allow_ipv6(proxy_cli, make_echo, allow, allowed):
 def test_ipv4_mapped_client_matches_an_ipv4_network():
     """A dual-stack listener sees IPv4 clients as ::ffff:a.b.c.d; an IPv4
     network must still match them (library check: no wildcard listener)."""
-    assert tcpproxy._allowed("::ffff:127.0.0.2", tcpproxy._networks(["127.0.0.2/32"]))
-    assert not tcpproxy._allowed("::ffff:127.0.0.1", tcpproxy._networks(["127.0.0.2/32"]))
-    assert not tcpproxy._allowed("::1", tcpproxy._networks(["127.0.0.0/8"]))
-    assert tcpproxy._allowed("::1", tcpproxy._networks(["::1/128"]))
+    assert tcpproxy._allowed("::ffff:127.0.0.2", tcpproxy.parse_allow(["127.0.0.2/32"]))
+    assert not tcpproxy._allowed("::ffff:127.0.0.1", tcpproxy.parse_allow(["127.0.0.2/32"]))
+    assert not tcpproxy._allowed("::1", tcpproxy.parse_allow(["127.0.0.0/8"]))
+    assert tcpproxy._allowed("::1", tcpproxy.parse_allow(["::1/128"]))
 
 
 def test_per_mapping_allow_from_the_yaml_file(file_proxy, make_echo):
