@@ -47,8 +47,8 @@ Map of this file, in the order a connection's data flows through it:
 
 __version__ = "1.0.0"
 __all__ = [
-    "ProxyError", "ConfigError", "BackendError", "ResolveError",
-    "check_port", "parse_hostport", "parse_allow", "check_limit", "check_unique_ports",
+    "ProxyError", "ConfigError", "BackendError", "ConfigRejected", "ResolveError",
+    "short_repr", "check_port", "parse_hostport", "parse_allow", "check_limit", "check_unique_ports",
     "Mapping", "parse_connections", "Resolver", "Registry", "Session",
     "ProxyServer", "StatusServer", "Proxy", "BackendPoller", "load_backend",
     "parse_cpus", "pin_cpus", "main",
@@ -68,6 +68,7 @@ import json
 import logging
 import os
 import re
+import reprlib
 import select
 import signal
 import socket
@@ -103,7 +104,8 @@ HOSTS_TTL = 5.0                    # how long an /etc/hosts answer is used
 DNS_BACKOFF_MIN = 0.5
 DNS_BACKOFF_MAX = 8.0
 SERVE_POLL_INTERVAL = 0.2          # serve_forever(): how fast shutdown() returns
-DRAIN_QUIET = 1.0                  # drain closes a session this long quiet
+DRAIN_QUIET = 1.0                  # drain closes a session idle this long between exchanges
+DEFAULT_DRAIN_TIMEOUT = 8.0        # below docker stop's 10 s grace period
 ACCEPT_BACKOFF = 0.1               # pause after EMFILE/ENFILE or no thread
 THREAD_STACK_SIZE = 256 * 1024     # set by main() only
 SWITCH_INTERVAL = 0.05             # sys.setswitchinterval(), by main() only
@@ -144,6 +146,10 @@ class BackendError(ProxyError):
     """The configuration backend failed."""
 
 
+class ConfigRejected(BackendError):
+    """The backend's configuration is invalid; the one in force stays."""
+
+
 class ResolveError(ProxyError):
     """The name has no usable address."""
 
@@ -173,6 +179,61 @@ class _RateLimiter:
 
 
 _ratelimited = _RateLimiter()
+
+
+class _OncePerChange:
+    """Log a condition when it appears or changes; while it stays the
+    same, only a reminder every *remind* seconds saying how often it
+    recurred.  clear(key) forgets it (and says whether it was there)."""
+
+    def __init__(self, remind=300.0):
+        self.remind = remind
+        self.lock = threading.Lock()
+        self._last = {}                   # key -> [text, when logged, repeats]
+
+    def log(self, level, key, msg, *args):
+        text = truncate(msg % args if args else msg)
+        now = time.monotonic()
+        with self.lock:
+            entry = self._last.get(key)
+            if entry is not None and entry[0] == text:
+                entry[2] += 1
+                if now - entry[1] < self.remind:
+                    return
+                text = "%s (still so: %d times since %s s ago)" % (
+                    text, entry[2], int(now - entry[1]))
+                entry[1], entry[2] = now, 0
+            else:
+                self._last[key] = [text, now, 0]
+        log.log(level, "%s", text)
+
+    def clear(self, key):
+        with self.lock:
+            return self._last.pop(key, None) is not None
+
+
+_once = _OncePerChange()
+MAX_ERROR_TEXT = 500               # characters of an error in the log or /status
+
+
+def truncate(text, limit=MAX_ERROR_TEXT):
+    """*text* cut to *limit* characters, saying how much was cut."""
+    text = str(text)
+    if len(text) <= limit:
+        return text
+    return "%s... (%d more characters)" % (text[:limit], len(text) - limit)
+
+
+_REPR = reprlib.Repr()
+_REPR.maxstring = _REPR.maxother = 80
+_REPR.maxlist = _REPR.maxtuple = _REPR.maxdict = _REPR.maxset = 4
+_REPR.maxlevel = 2
+
+
+def short_repr(value):
+    """repr(value), bounded: what a config holds goes into error messages
+    this way, so a huge or deeply aliased value cannot flood a log line."""
+    return _REPR.repr(value)
 
 
 def _iso(timestamp):
@@ -222,9 +283,11 @@ def check_port(value, what="port", minimum=1):
     elif isinstance(value, str) and _DIGITS.fullmatch(value.strip()):
         number = int(value.strip())
     else:
-        raise ConfigError("%s %r is not a port number (%d-65535)" % (what, value, minimum))
+        raise ConfigError("%s %s is not a port number (%d-65535)"
+                          % (what, short_repr(value), minimum))
     if not minimum <= number <= 65535:
-        raise ConfigError("%s %r is not a port number (%d-65535)" % (what, value, minimum))
+        raise ConfigError("%s %s is not a port number (%d-65535)"
+                          % (what, short_repr(value), minimum))
     return number
 
 
@@ -269,8 +332,8 @@ def parse_allow(value, what="allow"):
     if isinstance(value, (str, ipaddress.IPv4Network, ipaddress.IPv6Network)):
         value = [value]
     elif not isinstance(value, (list, tuple, set, frozenset)):
-        raise ConfigError("%s must be a list of CIDRs or a comma separated string, not %r"
-                          % (what, value))
+        raise ConfigError("%s must be a list of CIDRs or a comma separated string, not %s"
+                          % (what, short_repr(value)))
     nets = []
     for entry in value:
         if isinstance(entry, (ipaddress.IPv4Network, ipaddress.IPv6Network)):
@@ -278,13 +341,14 @@ def parse_allow(value, what="allow"):
         elif isinstance(entry, str):
             parts = [p for p in re.split(r"[,\s]+", entry.strip()) if p]
         else:
-            raise ConfigError("%s entry %r is not a CIDR string" % (what, entry))
+            raise ConfigError("%s entry %s is not a CIDR string" % (what, short_repr(entry)))
         for part in parts:
             try:
                 net = part if not isinstance(part, str) else ipaddress.ip_network(
                     part, strict=False)
             except ValueError:
-                raise ConfigError("%s entry %r is not an IP network" % (what, part)) from None
+                raise ConfigError("%s entry %s is not an IP network"
+                                  % (what, short_repr(part))) from None
             if net not in nets:
                 nets.append(net)
     return tuple(nets)
@@ -301,7 +365,7 @@ def check_limit(value, what="max_connections"):
             and value == value and value not in (float("inf"), float("-inf")) \
             and value == int(value) and value >= 0:
         return int(value)
-    raise ConfigError("%s %r is not a whole number of 0 or more" % (what, value))
+    raise ConfigError("%s %s is not a whole number of 0 or more" % (what, short_repr(value)))
 
 
 def check_unique_ports(entries):
@@ -356,12 +420,13 @@ class Mapping:
             object.__setattr__(self, "allow", parse_allow(self.allow))
             object.__setattr__(self, "max_connections", check_limit(self.max_connections))
         except ConfigError as exc:
-            raise ConfigError("invalid connection %r: %s" % (spec, exc)) from None
+            raise ConfigError("invalid connection %s: %s" % (short_repr(spec), exc)) from None
         host = str(self.host or "").strip()
         if host.startswith("[") and host.endswith("]"):
             host = host[1:-1]
         if not host or not (_is_ip(host) or _HOSTNAME.match(host)):
-            raise ConfigError("invalid connection %r: bad host %r" % (spec, self.host))
+            raise ConfigError("invalid connection %s: bad host %s"
+                              % (short_repr(spec), short_repr(self.host)))
         object.__setattr__(self, "host", host)
 
     @classmethod
@@ -374,19 +439,22 @@ class Mapping:
         else:
             parts = text.split(":")
             if len(parts) != 3:
-                if len(parts) > 3:
+                if len(parts) == 4 and _is_ip(parts[0]):
+                    reason = ("a listen address cannot be given per mapping: use "
+                              "--listen-address %s and %s" % (parts[0], ":".join(parts[1:])))
+                elif len(parts) > 3:
                     reason = "IPv6 targets must be in brackets, e.g. 8002:[::1]:5432"
                 else:
                     reason = "expected LPORT:HOST:RPORT"
-                raise ConfigError("invalid connection %r: %s" % (text, reason))
+                raise ConfigError("invalid connection %s: %s" % (short_repr(text), reason))
             lport, host, rport = parts
         if not host:
-            raise ConfigError("invalid connection %r: missing host" % text)
+            raise ConfigError("invalid connection %s: missing host" % short_repr(text))
         try:
             lport = check_port(lport, "listen port")
             rport = check_port(rport, "target port")
         except ConfigError as exc:
-            raise ConfigError("invalid connection %r: %s" % (text, exc)) from None
+            raise ConfigError("invalid connection %s: %s" % (short_repr(text), exc)) from None
         return cls(lport, host, rport, **options)
 
     @property
@@ -823,8 +891,8 @@ class Registry:
     iterate the live structures.
 
     Methods for the caller: open(), close(), count_refused(), count_failed(),
-    sessions(port), active(), wait_idle(port, deadline), forget(port),
-    snapshot().
+    sessions(port) (in id order), active(port), wait_idle(port, deadline),
+    forget(port), stats(), snapshot().
     """
 
     def __init__(self):
@@ -908,8 +976,8 @@ class Registry:
         with self.lock:
             self._stats.pop(listen_port, None)
 
-    def snapshot(self):
-        """Return (sessions as dicts, {listen_port: stats dict})."""
+    def stats(self):
+        """{listen_port: counters dict}, with the bytes of open sessions."""
         with self.lock:
             sessions = list(self._sessions.values())
             stats = {port: s.to_dict() for port, s in self._stats.items()}
@@ -917,7 +985,11 @@ class Registry:
             entry = stats.setdefault(session.listen_port, _Stats().to_dict())
             entry["bytes_up"] += session.bytes_up
             entry["bytes_down"] += session.bytes_down
-        return [s.to_dict() for s in sorted(sessions, key=lambda s: s.id)], stats
+        return stats
+
+    def snapshot(self):
+        """Return (sessions as dicts, {listen_port: stats dict})."""
+        return [s.to_dict() for s in self.sessions()], self.stats()
 
 
 class DnsChangeWatcher:
@@ -1003,7 +1075,10 @@ def serve_client(proxy, listener, session, partner):
         else:
             upstream = connect_upstream(proxy, listener, session)
             if upstream is None:
+                listener.failing += 1
                 proxy.registry.count_failed(session.listen_port)
+            elif listener.failing:
+                listener.failing = 0
     finally:
         if upstream is None:
             proxy.workers.give_back(partner)
@@ -1445,6 +1520,7 @@ class ProxyServer(socketserver.ThreadingTCPServer):
         self.mapping = mapping
         self.proxy = proxy
         self.rotation = itertools.count()  # where connect_upstream() starts
+        self.failing = 0                   # connects failed since the last success
         self.address_family = socket.AF_INET6 if ":" in listen_host else socket.AF_INET
         self._stopping = threading.Event()
         super().__init__((listen_host, mapping.listen_port), None)
@@ -1559,6 +1635,20 @@ class _SpareDescriptor:
                 os.close(self._fd)
                 self._fd = None
 
+    def lend(self, listening_socket):
+        """Give the descriptor up to accept one client; return its
+        (socket, address), or None.  take() it back when that client is
+        done."""
+        with self.lock:
+            if self._fd is None:
+                return None
+            os.close(self._fd)
+            self._fd = None
+            try:
+                return listening_socket.accept()
+            except OSError:
+                return None
+
     def shed(self, listening_socket):
         with self.lock:
             if self._fd is None:
@@ -1613,8 +1703,9 @@ class StatusHandler(http.server.BaseHTTPRequestHandler):
     def setup(self):
         super().setup()
         self.rfile.close()
+        timeout = getattr(threading.current_thread(), "request_timeout", self.request_timeout)
         self.rfile = io.BufferedReader(_DeadlineSocketIO(
-            self.connection, time.monotonic() + self.request_timeout))
+            self.connection, time.monotonic() + timeout))
 
     def do_GET(self):
         self._serve(body=True)
@@ -1644,8 +1735,12 @@ class StatusHandler(http.server.BaseHTTPRequestHandler):
                 self._send(code, "OK" if status["ok"] else status["reason"] + "\n",
                            "text/plain; charset=utf-8", body)
         elif url.path == "/connections":
-            self._send(200, json.dumps(connections_report(proxy), sort_keys=True) + "\n",
-                       "application/json", body)
+            try:
+                limit = check_limit(query.get("limit", [None])[0], "limit") or None
+            except ConfigError as exc:
+                self._send(400, "%s\n" % exc, "text/plain; charset=utf-8", body)
+                return
+            self._send(200, _connections_json(proxy, limit), "application/json", body)
         else:
             self._send(404, "not found\n", "text/plain", body)
 
@@ -1672,9 +1767,15 @@ class StatusServer(http.server.ThreadingHTTPServer):
     """The /status and /connections endpoint of a Proxy.
 
     Each request gets a named thread that is tracked, so that stop() can
-    join every one with a deadline (socketserver's own join has none);
-    more than *max_threads* requests at once, or *max_per_client* from one
-    address, are refused.
+    join every one with a deadline (socketserver's own join has none).
+    Capacity: *max_threads* requests at once, *max_per_client* from one
+    address, each given *request_timeout* seconds to arrive; beyond that a
+    reserve of *reserve_threads* (*reserve_per_client* per address) gives
+    a request only *reserve_timeout* seconds, so slow or abusive clients
+    cannot keep a health check out for longer than that.  Loopback clients
+    are always allowed (on-box and in-container health checks), whatever
+    --status-allow says.  Two descriptors are held in reserve so that
+    /status still answers when the process has run out of them.
     """
 
     allow_reuse_address = True
@@ -1683,6 +1784,11 @@ class StatusServer(http.server.ThreadingHTTPServer):
     block_on_close = False            # join() below, with a deadline
     max_threads = 32
     max_per_client = 8
+    request_timeout = StatusHandler.request_timeout
+    reserve_threads = 8
+    reserve_per_client = 2
+    reserve_timeout = 1.0
+    spare_descriptors = 2
 
     def __init__(self, address, proxy, allow=()):
         self.proxy = proxy
@@ -1690,30 +1796,45 @@ class StatusServer(http.server.ThreadingHTTPServer):
         self._tracked = set()
         self._tracked_lock = threading.Lock()
         self._stopping = threading.Event()
+        self._spares = [_SpareDescriptor() for _ in range(self.spare_descriptors)]
         self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
         super().__init__(address, StatusHandler)
+        for spare in self._spares:
+            spare.take()
 
     def verify_request(self, request, client_address):
-        threads = self.threads()
-        if len(threads) >= self.max_threads:
-            _ratelimited.log(logging.WARNING, "status-busy", "status: refused %s: %d "
-                             "requests in progress", client_address[0], self.max_threads)
-            return False
-        if sum(1 for t in threads if t.client == client_address[0]) >= self.max_per_client:
-            _ratelimited.log(logging.WARNING, ("status-busy", client_address[0]),
-                             "status: refused %s: %d of its requests in progress",
-                             client_address[0], self.max_per_client)
-            return False
-        if _allowed(client_address[0], self.allow):
+        if _allowed(client_address[0], self.allow) or _is_loopback(client_address[0]):
             return True
         _ratelimited.log(logging.WARNING, "status-acl",
                          "status: refused %s: not in --status-allow", client_address[0])
         return False
 
+    def _capacity(self, client):
+        """The request timeout for a new request from *client* (None: refuse)."""
+        threads = self.threads()
+        normal = [t for t in threads if not t.reserve]
+        if len(normal) < self.max_threads and \
+                sum(1 for t in normal if t.client == client) < self.max_per_client:
+            return self.request_timeout, False
+        reserve = [t for t in threads if t.reserve]
+        if len(reserve) < self.reserve_threads and \
+                sum(1 for t in reserve if t.client == client) < self.reserve_per_client:
+            return self.reserve_timeout, True
+        return None, None
+
     def process_request(self, request, client_address):
+        timeout, reserve = self._capacity(client_address[0])
+        if timeout is None:
+            _ratelimited.log(logging.WARNING, ("status-busy", client_address[0]),
+                             "status: refused %s: too many requests in progress",
+                             client_address[0])
+            self.shutdown_request(request)
+            return
         thread = threading.Thread(target=self._process, args=(request, client_address),
                                   name="tcpproxy-status-%s" % client_address[1])
         thread.client = client_address[0]
+        thread.reserve = reserve
+        thread.request_timeout = timeout
         with self._tracked_lock:
             self._tracked.add(thread)
         try:
@@ -1733,6 +1854,8 @@ class StatusServer(http.server.ThreadingHTTPServer):
         finally:
             with self._tracked_lock:
                 self._tracked.discard(threading.current_thread())
+            for spare in self._spares:
+                spare.take()              # again, if it was lent
 
     def threads(self):
         with self._tracked_lock:
@@ -1748,39 +1871,83 @@ class StatusServer(http.server.ThreadingHTTPServer):
         try:
             return self.socket.accept()
         except OSError as exc:
-            if exc.errno in EXHAUSTION_ERRS:
-                # No descriptor for the client: it stays queued and the
-                # listener stays readable, so back off instead of spinning.
-                _ratelimited.log(logging.ERROR, "status-accept", "status: cannot accept "
-                                 "(%s): backing off", exc.strerror)
-                self._stopping.wait(ACCEPT_BACKOFF)
+            if exc.errno not in EXHAUSTION_ERRS:
+                raise
+            for spare in self._spares:
+                accepted = spare.lend(self.socket)
+                if accepted is not None:
+                    return accepted
+            # No descriptor for the client: it stays queued and the listener
+            # stays readable, so back off instead of spinning.
+            _ratelimited.log(logging.ERROR, "status-accept", "status: cannot accept "
+                             "(%s): backing off", exc.strerror)
+            self._stopping.wait(ACCEPT_BACKOFF)
             raise
 
     def handle_error(self, request, client_address):
         log.debug("status: error serving %s", client_address, exc_info=True)
 
+    def server_close(self):
+        super().server_close()
+        for spare in self._spares:
+            spare.release()
+
+
+def _is_loopback(address):
+    try:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
+    except ValueError:
+        return False
+    if ip.version == 6 and ip.ipv4_mapped:
+        ip = ip.ipv4_mapped
+    return ip.is_loopback
+
 
 _EMPTY_STATS = _Stats().to_dict()
 
 
-def connections_report(proxy):
-    """What GET /connections returns."""
-    sessions, _ = proxy.registry.snapshot()
+def connections_report(proxy, limit=None):
+    """What GET /connections returns (at most *limit* sessions, oldest first)."""
+    return json.loads(_connections_json(proxy, limit))
+
+
+def _connections_json(proxy, limit=None, chunk=200):
+    """/connections as JSON text, built from a snapshot in chunks of
+    *chunk* sessions with the GIL let go in between: thousands of sessions
+    must not stall the pumps (a pure-Python loop keeps the GIL for up to
+    the switch interval, 50 ms, whenever a pump wants it)."""
+    sessions = proxy.registry.sessions()
+    total = len(sessions)
+    if limit is not None:
+        sessions = sessions[:limit]
     specs = [m.spec for m in proxy.mappings]
-    result = {"name": proxy.name, "connections": specs, "sessions": sessions}
+    head = {"name": proxy.name, "connections": specs}
     if not specs:
-        result["error"] = "No connections!"
-    return result
+        head["error"] = "No connections!"
+    if limit is not None:
+        head["total"] = total
+    parts = []
+    for start in range(0, len(sessions), chunk):
+        parts.append(json.dumps([s.to_dict() for s in sessions[start:start + chunk]],
+                                sort_keys=True)[1:-1])
+        time.sleep(0)                  # let waiting pumps have the GIL
+    text = json.dumps(head, sort_keys=True)
+    return '%s, "sessions": [%s]}\n' % (text[:-1], ", ".join(p for p in parts if p))
 
 
 def status_report(proxy):
-    """What GET /status?format=json returns; "ok" drives the 200/503."""
-    sessions, stats = proxy.registry.snapshot()
+    """What GET /status?format=json returns.  "ok" (200 or 503) says
+    whether the proxy serves; "warnings" lists everything an operator
+    should look at (a rejected config, a failing backend, a stale DNS
+    answer, an upstream refusing every attempt, a mapping that could not
+    start), "ok" or not."""
+    stats = proxy.registry.stats()
     backend = proxy.backend_state()
     state = proxy.state
     failures = proxy.failed_mappings
     mappings = []
     reasons = []
+    warnings = []
     if state == "draining":
         reasons.append("draining")
     elif state != "running":
@@ -1791,23 +1958,41 @@ def status_report(proxy):
         listening = server.socket.fileno() != -1
         if not listening and state == "running":
             reasons.append("listener %d is down" % port)
+        if dns_info["stale"]:
+            warnings.append("%d: DNS answer for %s is stale (%s)"
+                            % (port, mapping.host, dns_info["error"]))
+        elif dns_info["error"] and not dns_info["addresses"]:
+            warnings.append("%d: cannot resolve %s (%s)"
+                            % (port, mapping.host, dns_info["error"]))
+        if server.failing:
+            warnings.append("%d: the last %d connection attempt(s) to %s failed"
+                            % (port, server.failing,
+                               _format_hostport(mapping.host, mapping.port)))
         mappings.append(dict(stats.get(port, _EMPTY_STATS), **{
             "spec": mapping.spec, "listen": _format_hostport(*server.server_address[:2]),
             "target": _format_hostport(mapping.host, mapping.port),
             "listening": listening, "addresses": dns_info["addresses"],
             "expires_in": dns_info["expires_in"], "stale": dns_info["stale"],
-            "dns_error": dns_info["error"],
+            "dns_error": dns_info["error"], "failing": server.failing,
             "allow": [str(n) for n in mapping.allow],
             "max_connections": mapping.max_connections}))
     for spec, reason in sorted(failures.items()):
         reasons.append("%s: %s" % (spec, reason))
     if not backend.get("ok", True):
         reasons.append("backend: %s" % (backend.get("error") or "no successful poll yet"))
+    else:
+        if backend.get("rejected"):
+            warnings.append("config rejected: %s" % backend["rejected"])
+        elif backend.get("last_poll_failed") and backend.get("last_error"):
+            warnings.append("backend failing: %s" % backend["last_error"])
+        if backend.get("warning"):
+            warnings.append("backend: %s" % backend["warning"])
     return {"ok": not reasons, "reason": "; ".join(reasons) or "OK",
+            "warnings": reasons + warnings,
             "version": __version__, "name": proxy.name,
             "uptime": round(time.time() - proxy.started, 3) if proxy.started else 0,
             "state": state, "backend": backend,
-            "active": len(sessions), "mappings": mappings,
+            "active": proxy.registry.active(), "mappings": mappings,
             "failed_mappings": failures,
             "resolver": proxy.resolver.nameservers}
 
@@ -1857,6 +2042,7 @@ class Proxy:
         self._backend = dict(backend_info or {"name": "static", "ok": True})
         self._backend_lock = threading.Lock()
         self._watcher = None
+        self._drain_cut = threading.Event()
 
     def __enter__(self):
         self.start()
@@ -1953,9 +2139,10 @@ class Proxy:
                 if server is None:
                     try:
                         self._start_server(mapping)
+                        _once.clear(("listen", port))
                     except ConfigError as exc:
                         failures[mapping.spec] = str(exc)
-                        log.error("%s", exc)
+                        _once.log(logging.ERROR, ("listen", port), "%s", exc)
                 elif server.mapping != mapping:
                     log.info("%d: mapping changed: %s -> %s (open connections stay "
                              "on the old target)", port, server.mapping, mapping)
@@ -2009,27 +2196,40 @@ class Proxy:
             self.state = "stopped"
             log.info("tcpproxy stopped")
 
+    def end_drain(self):
+        """Cut a drain in progress (or the next one) short: stop() then
+        closes what is still open at once.  Safe from a signal handler."""
+        self._drain_cut.set()
+
     def _drain(self, drain):
-        """Let sessions finish for up to *drain* seconds; a session with no
-        traffic for DRAIN_QUIET seconds is between requests and is closed
-        then (a pooled database connection never ends by itself)."""
+        """Let sessions finish for up to *drain* seconds.  A session is
+        closed early only when it is between exchanges (Session.
+        between_exchanges: quiet for DRAIN_QUIET seconds after the last
+        reply was delivered), such as an idle pooled database connection,
+        which never ends by itself; a request still waiting for its reply
+        (a running query, a blocking pop) is left alone until the deadline."""
         deadline = time.monotonic() + drain
-        while True:
+        while not self._drain_cut.is_set():
             now = time.monotonic()
             for session in self.registry.sessions():
-                if now - session.last_active >= DRAIN_QUIET:
-                    session.abort("quiet while draining")
+                if session.state == "open" and session.between_exchanges(DRAIN_QUIET, now):
+                    log.info("%d: closing %s: idle between exchanges while draining",
+                             session.listen_port, _format_hostport(*session.client[:2]))
+                    session.abort("idle while draining")
             if now >= deadline:
                 return not self.registry.active()
             if self.registry.wait_idle(deadline=min(deadline, now + DRAIN_QUIET / 4)):
                 return True
+        log.warning("drain cut short")
+        return not self.registry.active()
 
     def _start_status(self):
         host, port = self._status_address
         try:
             server = StatusServer((host, port), self, self._status_allow)
         except OSError as exc:
-            raise ConfigError("cannot serve status on %s: %s"
+            raise ConfigError("cannot serve status on %s: %s (another tcpproxy on this "
+                              "host? give each its own --status HOST:PORT, or --status off)"
                               % (_format_hostport(host, port), exc.strerror or exc)) from None
         thread = threading.Thread(target=server.serve_forever, name="tcpproxy-status",
                                   kwargs={"poll_interval": SERVE_POLL_INTERVAL})
@@ -2123,8 +2323,13 @@ def load_backend(name, options, client=None):
 class BackendPoller:
     """A thread that polls a backend and applies its mappings to a Proxy.
 
-    A failed poll keeps the current mappings and is retried with backoff
-    capped at the interval; poke() (SIGHUP) polls at once.
+    A failed poll, or a rejected configuration (ConfigRejected), keeps the
+    mappings in force and is retried with backoff capped at the interval;
+    poke() (SIGHUP) polls at once.  A backend may also name listen ports
+    whose items are invalid or in conflict (``backend.held``, with
+    ``backend.problems`` saying why): whatever is in force on those ports
+    stays, the rest applies (a None in held: nothing is removed).  Every
+    error is logged once per change, with a reminder while it lasts.
     """
 
     def __init__(self, proxy, backend, interval=DEFAULT_POLL_INTERVAL):
@@ -2137,8 +2342,10 @@ class BackendPoller:
         self.polls = 0
         self.last_ok = None
         self.last_error = None
+        self.rejected = None
         self._next_poll = None
         self._info = {}
+        self._problems = {}
         self.applied = threading.Condition()
 
     def start(self):
@@ -2166,31 +2373,66 @@ class BackendPoller:
         now = time.time()
         try:
             mappings = self.backend.fetch()
+        except ConfigRejected as exc:
+            return self._record(False, str(exc), rejected=True)
         except ProxyError as exc:
             return self._record(False, "poll failed: %s" % exc)
         except Exception as exc:  # noqa: BLE001 - a poller must survive anything
             log.debug("backend %s failed", self.backend.name, exc_info=True)
             return self._record(False, "poll failed: %s: %s" % (exc.__class__.__name__, exc))
+        problems = dict(getattr(self.backend, "problems", None) or {})
+        mappings = self._hold(mappings, getattr(self.backend, "held", None) or ())
+        self._report_problems(problems)
         if set(mappings) != set(self.proxy.mappings):
             log.info("backend %s: applying %s", self.backend.name,
                      ", ".join(m.spec for m in mappings) or "no mappings")
+        partial = None
         try:
             self.proxy.apply(mappings)
         except ConfigError as exc:
-            for reason in exc.failures.values():
-                log.error("backend %s: %s", self.backend.name, reason)
-            self.last_ok = now
-            return self._record(True, None, partial=str(exc))
+            partial = str(exc)
         self.last_ok = now
-        return self._record(True, None)
+        rejected = "; ".join("%s: %s" % item for item in sorted(problems.items())) or None
+        return self._record(True, None, partial=partial, rejected=rejected)
 
-    def _record(self, ok, error, partial=None):
+    def _hold(self, mappings, held):
+        """*mappings*, with what is in force kept on the *held* ports."""
+        if not held:
+            return mappings
+        current = {m.listen_port: m for m in self.proxy.mappings}
+        wanted = {m.listen_port: m for m in mappings if m.listen_port not in held}
+        for port in held:
+            if port is None:
+                for other, mapping in current.items():
+                    wanted.setdefault(other, mapping)
+            elif port in current:
+                wanted[port] = current[port]
+        return list(wanted.values())
+
+    def _report_problems(self, problems):
+        for label in set(self._problems) - set(problems):
+            _once.clear(("problem", label))
+            log.info("backend %s: %s is fine again", self.backend.name, label)
+        for label, reason in problems.items():
+            _once.log(logging.ERROR, ("problem", label), "backend %s: %s: %s",
+                      self.backend.name, label, reason)
+        self._problems = problems
+
+    def _record(self, ok, error, partial=None, rejected=None):
         self.polls += 1
-        if not ok:
-            self.last_error = error
-            _ratelimited.log(logging.WARNING, ("backend", error), "backend %s: %s; keeping "
-                             "the current mappings", self.backend.name, error)
-        self._publish(error=error if not ok else partial)
+        key = ("backend", self.backend.name)
+        if ok:
+            self.rejected = truncate(rejected) if rejected else None
+            if _once.clear(key):
+                log.info("backend %s: poll OK again", self.backend.name)
+        else:
+            self.last_error = error = truncate(error)
+            if rejected:
+                self.rejected = error
+            _once.log(logging.ERROR, key, "backend %s: %s; keeping the configuration in "
+                      "force", self.backend.name, error)
+        self._publish(error=error if not ok else partial, rejected=self.rejected,
+                      last_poll_failed=not ok)
         with self.applied:
             self.applied.notify_all()
         return ok
@@ -2461,13 +2703,20 @@ examples:
   tcpproxy --backend dynamodb --proxy realtime --region us-east-1
   tcpproxy --backend elasticache --elasticache-cluster-id docker-registry --elasticache-port 5000
   tcpproxy --backend file --config mappings.yaml
+  tcpproxy check --backend file --config mappings.yaml   (validate, print, bind nothing)
+  tcpproxy health                     (exit 0 if the running proxy is healthy)
   tcpproxy dynamodb --help            (manage the DynamoDB table)
 
 status: GET http://127.0.0.1:8001/status and /connections (--status ADDR, env STATUS_ADDRESS)
 """
 
+_OFF = ("off", "none", "no", "false", "")
+_NUMBER = re.compile(r"[0-9]+(\.[0-9]*)?|\.[0-9]+")
+
 
 def _arg_type(func):
+    """An argparse type from a function raising ValueError or ConfigError:
+    argparse then reports "argument --FLAG: MESSAGE" and exits 2."""
     def convert(text):
         try:
             return func(text)
@@ -2477,26 +2726,28 @@ def _arg_type(func):
     return convert
 
 
-def _positive_float(text):
-    value = float(text)
-    if not value > 0 or value != value or value == float("inf"):
-        raise ValueError("must be a positive number of seconds, not %r" % text)
-    return value
+def _seconds(text, zero=False):
+    """A positive number of seconds (0 too when *zero*), in plain decimal."""
+    text = text.strip()
+    if not _NUMBER.fullmatch(text) or not (zero or float(text) > 0):
+        raise ValueError("%r is not a %s number of seconds" % (
+            text, "non-negative" if zero else "positive"))
+    return float(text)
+
+
+def _seconds_or_zero(text):
+    return _seconds(text, zero=True)
 
 
 def _non_negative_int(text):
-    value = int(text)
-    if value < 0:
-        raise ValueError("must be 0 or more, not %r" % text)
-    return value
+    return check_limit(text.strip(), "value")
 
 
 def _status_address(text):
-    if text.strip().lower() in ("off", "none", "no", "false", ""):
+    if text.strip().lower() in _OFF:
         return None
-    host, port = parse_hostport(text, default_host="0.0.0.0" if text.strip().startswith(":")
-                                else "127.0.0.1", what="status address")
-    return host, port
+    return parse_hostport(text, default_host="0.0.0.0" if text.strip().startswith(":")
+                          else "127.0.0.1", what="status address")
 
 
 def _listen_address(text):
@@ -2520,10 +2771,9 @@ def _backend_name(text):
 
 
 def _debug_level(text):
-    value = int(text)
-    if not 0 <= value <= 2:
+    if text.strip() not in ("0", "1", "2"):
         raise ValueError("invalid debug level %r: use 0, 1 or 2" % text)
-    return value
+    return int(text)
 
 
 class _ArgumentParser(argparse.ArgumentParser):
@@ -2534,8 +2784,9 @@ class _ArgumentParser(argparse.ArgumentParser):
                   % (self.prog, message, self.prog))
 
 
-def build_parser():
-    env_status = os.environ.get("STATUS_ADDRESS")
+def build_parser(environ=None):
+    """The command line's parser; defaults read *environ* (os.environ)."""
+    environ = os.environ if environ is None else environ
     parser = _ArgumentParser(
         prog="tcpproxy", description="A TCP proxy that obeys DNS TTLs.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -2545,20 +2796,23 @@ def build_parser():
         help="mappings, separated by commas or spaces; may be repeated")
     add("--backend", type=_arg_type(_backend_name), default="static",
         help="where mappings come from: %s (default static)" % ", ".join(BACKENDS))
+    add("--check", action="store_true",
+        help="load the configuration once, print the mappings and exit (binds nothing)")
     add("--status", "--status-address", dest="status",
-        default=env_status or DEFAULT_STATUS_ADDRESS, metavar="ADDR",
+        default=environ.get("STATUS_ADDRESS") or DEFAULT_STATUS_ADDRESS, metavar="ADDR",
         help="HOST:PORT of /status and /connections, or 'off' (default %s; env "
              "STATUS_ADDRESS)" % DEFAULT_STATUS_ADDRESS)
     add("--status-allow", action="append", default=[], metavar="CIDR",
-        help="clients allowed to read the status endpoints (default: anyone who can reach it)")
+        help="clients allowed to read the status endpoints besides loopback "
+             "(default: anyone who can reach it)")
     add("--listen-address", type=_arg_type(_listen_address), default="0.0.0.0", metavar="IP",
         help="address the mappings listen on (default 0.0.0.0; '::' for dual stack)")
     add("--resolver", action="append", type=_arg_type(_resolver_address), default=[],
         metavar="IP[:PORT]", help="DNS server to ask (repeatable; default: /etc/resolv.conf)")
-    add("--dns-timeout", type=_arg_type(_positive_float), default=DEFAULT_DNS_TIMEOUT,
+    add("--dns-timeout", type=_arg_type(_seconds), default=DEFAULT_DNS_TIMEOUT,
         metavar="SECONDS", help="how long one DNS lookup may take (default %g)"
         % DEFAULT_DNS_TIMEOUT)
-    add("--connect-timeout", type=_arg_type(_positive_float), default=DEFAULT_CONNECT_TIMEOUT,
+    add("--connect-timeout", type=_arg_type(_seconds), default=DEFAULT_CONNECT_TIMEOUT,
         metavar="SECONDS", help="per upstream address attempt (default %g)"
         % DEFAULT_CONNECT_TIMEOUT)
     add("--close-on-dns-change", action="store_true",
@@ -2567,12 +2821,13 @@ def build_parser():
         help="only these clients may connect (repeatable; default: anyone)")
     add("--max-connections", type=_arg_type(_non_negative_int), default=0, metavar="N",
         help="at most N concurrent clients in all (default 0: no limit)")
-    add("--idle-timeout", type=_arg_type(_positive_float), default=None, metavar="SECONDS",
+    add("--idle-timeout", type=_arg_type(_seconds), default=None, metavar="SECONDS",
         help="close connections with no traffic either way for this long (default off)")
-    add("--drain-timeout", type=_arg_type(lambda t: 0.0 if float(t) == 0 else _positive_float(t)),
-        default=10.0, metavar="SECONDS",
-        help="on SIGTERM, let open connections finish for this long (default 10)")
-    add("--cpus", type=_arg_type(parse_cpus), default=os.environ.get("TCPPROXY_CPUS", "auto"),
+    add("--drain-timeout", type=_arg_type(_seconds_or_zero),
+        default=DEFAULT_DRAIN_TIMEOUT, metavar="SECONDS",
+        help="on SIGTERM, let open connections finish for up to this long; a second "
+             "signal ends the drain at once (default %g)" % DEFAULT_DRAIN_TIMEOUT)
+    add("--cpus", type=_arg_type(parse_cpus), default=environ.get("TCPPROXY_CPUS", "auto"),
         metavar="LIST", help="CPUs to run on: auto (one CPU: the fastest for a Python "
         "proxy), all (no binding) or a list such as 1 or 0,2-3 (default auto; env "
         "TCPPROXY_CPUS)")
@@ -2585,10 +2840,10 @@ def build_parser():
     aws.add_argument("--region", default=None,
                      help="AWS region (default: the AWS configuration chain)")
     aws.add_argument("--elasticache-cluster-id", metavar="ID")
-    aws.add_argument("--elasticache-port", type=int, metavar="PORT",
+    aws.add_argument("--elasticache-port", type=_arg_type(check_port), metavar="PORT",
                      help="local port that forwards to the cluster's node")
     aws.add_argument("--config", metavar="FILE", help="YAML mappings file (--backend file)")
-    aws.add_argument("--poll-interval", type=_arg_type(_positive_float),
+    aws.add_argument("--poll-interval", type=_arg_type(_seconds),
                      default=DEFAULT_POLL_INTERVAL, metavar="SECONDS",
                      help="backend poll interval (default %g)" % DEFAULT_POLL_INTERVAL)
     return parser
@@ -2605,8 +2860,10 @@ def _normalise_argv(argv, parser):
     return out
 
 
-def parse_args(argv=None):
-    parser = build_parser()
+def parse_args(argv=None, environ=None):
+    """Parse and check the command line; a bad value exits 2 with one line
+    naming the flag."""
+    parser = build_parser(environ)
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(_normalise_argv(argv, parser))
     try:
@@ -2618,10 +2875,15 @@ def parse_args(argv=None):
     except ConfigError as exc:
         parser.error("argument --connections: %s" % exc)
     try:
-        args.allow_networks = parse_allow(args.allow, "--allow")
-        args.status_allow_networks = parse_allow(args.status_allow, "--status-allow")
+        args.allow_networks = parse_allow(args.allow or None, "--allow")
+        args.status_allow_networks = parse_allow(args.status_allow or None, "--status-allow")
     except ConfigError as exc:
         parser.error(str(exc))
+    if isinstance(args.cpus, set) and hasattr(os, "sched_getaffinity"):
+        allowed = os.sched_getaffinity(0)
+        if not args.cpus & allowed:
+            parser.error("argument --cpus: %s: this process may only use CPUs %s" % (
+                ",".join(map(str, sorted(args.cpus))), ",".join(map(str, sorted(allowed)))))
     if args.backend == "static" and not args.mappings:
         parser.error("the static backend needs --connections LPORT:HOST:RPORT")
     if args.backend != "static" and args.mappings:
@@ -2641,13 +2903,15 @@ def _raise_nofile_limit():
 
 
 class _Signals:
-    """Turn SIGTERM/SIGINT into a stop request (the second one: stop now)
-    and SIGHUP into a reload request."""
+    """SIGTERM/SIGINT ask for a stop; a second one ends the drain at once
+    (Proxy.end_drain()); SIGHUP asks for a reload.  The handlers only set
+    events, never raise: a burst of signals at any moment (start, run,
+    drain, stop) cannot interrupt stop() half-way."""
 
     def __init__(self):
         self.stop = threading.Event()
         self.reload = threading.Event()
-        self.count = 0
+        self.proxy = None
 
     def install(self):
         signal.signal(signal.SIGTERM, self._on_stop)
@@ -2656,13 +2920,74 @@ class _Signals:
             signal.signal(signal.SIGHUP, self._on_hup)
 
     def _on_stop(self, signum, frame):
-        self.count += 1
+        if self.stop.is_set() and self.proxy is not None:
+            self.proxy.end_drain()
         self.stop.set()
-        if self.count > 1:
-            raise KeyboardInterrupt
 
     def _on_hup(self, signum, frame):
         self.reload.set()
+
+
+class _SystemdNotifier:
+    """The sd_notify protocol, when systemd set NOTIFY_SOCKET (a path, or
+    an abstract socket name starting with '@'): READY=1, RELOADING=1,
+    STOPPING=1, STATUS=... and WATCHDOG=1 every half WATCHDOG_USEC."""
+
+    def __init__(self, environ=None):
+        environ = os.environ if environ is None else environ
+        address = environ.get("NOTIFY_SOCKET") or ""
+        self.address = "\0" + address[1:] if address.startswith("@") else address
+        try:
+            usec = int(environ.get("WATCHDOG_USEC") or 0)
+            pid = int(environ.get("WATCHDOG_PID") or os.getpid())
+        except ValueError:
+            usec, pid = 0, 0
+        self.watchdog = usec / 2e6 if usec > 0 and pid == os.getpid() else None
+        self._next_ping = 0.0
+
+    def notify(self, *lines):
+        if not self.address or not hasattr(socket, "AF_UNIX"):
+            return
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
+                s.connect(self.address)
+                s.sendall("\n".join(lines).encode("utf-8", "replace"))
+        except OSError as exc:
+            _ratelimited.log(logging.WARNING, "sd_notify", "cannot notify systemd at %r: %s",
+                             self.address, exc)
+
+    def ping(self):
+        """WATCHDOG=1, when it is due."""
+        now = time.monotonic()
+        if self.watchdog is not None and now >= self._next_ping:
+            self._next_ping = now + self.watchdog
+            self.notify("WATCHDOG=1")
+
+    def wait(self, default):
+        """How long the main loop may sleep."""
+        return min(default, self.watchdog) if self.watchdog is not None else default
+
+
+def _fail(message, status=2):
+    """Report a startup error as the command line does; return *status*."""
+    sys.stderr.write("tcpproxy: error: %s\n" % message)
+    sys.stderr.flush()
+    return status
+
+
+def _setup_logging(debug):
+    logging.basicConfig(level=DEBUG_LEVELS[debug],
+                        format="%(asctime)s %(levelname)s %(threadName)s: %(message)s")
+    # boto3 and botocore log credential lookups and retries at INFO: only
+    # at --debug 2.
+    for name in ("boto3", "botocore", "urllib3", "s3transfer"):
+        logging.getLogger(name).setLevel(logging.DEBUG if debug >= 2 else logging.WARNING)
+
+
+def _summary(proxy):
+    return "%d mapping(s), %d connection(s)%s" % (
+        len(proxy.servers), proxy.registry.active(),
+        " (draining)" if proxy.state == "draining" else "")
 
 
 def main(argv=None):
@@ -2673,18 +2998,24 @@ def main(argv=None):
         try:
             from tcpproxy_backends import dynamodb
         except ImportError as exc:
-            sys.stderr.write("tcpproxy: error: the dynamodb helper is not installed: %s\n" % exc)
-            return 2
+            return _fail("the dynamodb helper is not installed (put the tcpproxy_backends "
+                         "folder next to tcpproxy.py, or pip install 'tcpproxy[aws]'): %s"
+                         % exc)
         return dynamodb.cli(argv[1:])
-    args = parse_args(argv)
-    logging.basicConfig(level=DEBUG_LEVELS[args.debug],
-                        format="%(asctime)s %(levelname)s %(threadName)s: %(message)s")
+    if argv and argv[0] == "health":
+        return health(argv[1:])
+    check = bool(argv) and argv[0] == "check"
+    args = parse_args(argv[1:] if check else argv)
+    if check or args.check:
+        return check_config(args)
+    signals = _Signals()
+    signals.install()
+    _setup_logging(args.debug)
     _raise_nofile_limit()
     try:
         cpus = pin_cpus(args.cpus)
     except ConfigError as exc:
-        log.error("%s", exc)
-        return 2
+        return _fail(exc)
     if cpus:
         log.info("running on CPU %s", ",".join(map(str, sorted(cpus))))
     try:
@@ -2696,8 +3027,22 @@ def main(argv=None):
     # default 5 ms their timeouts alone burn the CPU.  Pumps release the GIL
     # at every syscall, so a longer interval costs them nothing.
     sys.setswitchinterval(SWITCH_INTERVAL)
-    signals = _Signals()
-    signals.install()
+    try:
+        status = _serve(args, signals)
+    finally:
+        logging.shutdown()
+    leftover = [t for t in threading.enumerate()
+                if t is not threading.main_thread() and not t.daemon and t.is_alive()]
+    if leftover:      # never hang in interpreter shutdown waiting for them
+        sys.stderr.write("tcpproxy: %d thread(s) did not end: exiting anyway\n" % len(leftover))
+        sys.stderr.flush()
+        os._exit(status)
+    return status
+
+
+def _serve(args, signals):
+    """Run the proxy until a signal; return the exit status."""
+    notifier = _SystemdNotifier()
     proxy = poller = None
     try:
         resolver = Resolver(args.resolver or None, timeout=args.dns_timeout)
@@ -2713,43 +3058,200 @@ def main(argv=None):
                           "error": "no successful poll yet"},
                       idle_timeout=args.idle_timeout, allow=args.allow_networks,
                       max_connections=args.max_connections)
-        proxy.start()
-        if args.backend != "static":
-            poller = BackendPoller(proxy, backend, args.poll_interval).start()
-        while not signals.stop.wait(1.0 if poller is None else 0.5):
+        signals.proxy = proxy
+        if not signals.stop.is_set():
+            proxy.start()
+            if args.backend != "static":
+                poller = BackendPoller(proxy, backend, args.poll_interval).start()
+            notifier.notify("READY=1", "STATUS=" + _summary(proxy))
+        while not signals.stop.wait(notifier.wait(1.0 if poller is None else 0.5)):
+            notifier.ping()
             if signals.reload.is_set():
                 signals.reload.clear()
-                if poller is not None:
-                    log.warning("SIGHUP: polling the %s backend now", args.backend)
-                    poller.poke()
-                else:
-                    log.warning("SIGHUP: the static backend has nothing to reload")
+                _reload(poller, notifier, args.backend)
+                notifier.notify("READY=1", "STATUS=" + _summary(proxy))
         log.warning("stopping (signal received)")
+        notifier.notify("STOPPING=1", "STATUS=draining " + _summary(proxy))
         if poller is not None:
             poller.stop()
             poller = None
-        try:
-            proxy.stop(drain=args.drain_timeout)
-        except KeyboardInterrupt:
-            log.warning("second signal: closing all connections now")
-            proxy.stop(timeout=2.0)
+        proxy.stop(timeout=2.0, drain=args.drain_timeout)
         return 0
     except ConfigError as exc:
-        log.error("%s", exc)
-        return 2
+        return _fail(exc)
     except ProxyError as exc:
-        log.error("%s", exc)
-        return 1
-    except KeyboardInterrupt:
-        return 0
+        return _fail(exc, 1)
     finally:
         if poller is not None:
             poller.stop()
         if proxy is not None:
+            proxy.stop(timeout=2.0)
+
+
+def _reload(poller, notifier, backend):
+    """SIGHUP: poll the backend now and wait (briefly) for it to apply."""
+    notifier.notify("RELOADING=1", "MONOTONIC_USEC=%d" % (time.monotonic() * 1e6))
+    if poller is None:
+        log.info("SIGHUP: the static backend has nothing to reload")
+        return
+    log.info("SIGHUP: polling the %s backend now", backend)
+    polls = poller.polls
+    poller.poke()
+    with poller.applied:
+        poller.applied.wait_for(lambda: poller.polls > polls, 10.0)
+
+
+def check_config(args):
+    """``tcpproxy check [flags]`` (or ``--check``): load the configured
+    backend once and print the mappings it would serve; bind nothing.
+    Returns 0, or 2 with the same error lines the proxy would log."""
+    logging.basicConfig(level=logging.ERROR if args.debug == 0 else DEBUG_LEVELS[args.debug],
+                        format="tcpproxy: %(levelname)s: %(message)s")
+    try:
+        backend = load_backend(args.backend, args)
+        if hasattr(backend, "settle"):
+            backend.settle = 0.0         # read the file as it is now
+        mappings = backend.fetch()
+        problems = getattr(backend, "problems", None) or {}
+    except ProxyError as exc:
+        return _fail(exc)
+    for mapping in sorted(mappings, key=lambda m: m.listen_port):
+        extra = []
+        if mapping.allow:
+            extra.append("allow=" + ",".join(map(str, mapping.allow)))
+        if mapping.max_connections:
+            extra.append("max_connections=%d" % mapping.max_connections)
+        sys.stdout.write(" ".join([mapping.spec] + extra) + "\n")
+    for label, reason in sorted(problems.items()):
+        sys.stderr.write("tcpproxy: error: %s: %s\n" % (label, reason))
+    sys.stdout.write("%s backend: %d mapping(s)%s\n" % (
+        args.backend, len(mappings), ", %d problem(s)" % len(problems) if problems else ""))
+    return 2 if problems else 0
+
+
+def health(argv):
+    """``tcpproxy health``: exit 0 when the running proxy is healthy, 1
+    when not (2 on bad flags).  It finds the status address as the proxy
+    does (--status, then STATUS_ADDRESS, then the default), reading the
+    proxy's own command line and environment from /proc/PID (PID 1 by
+    default: the container's entry point) so that ``--status :9001`` on
+    the proxy's command line is obeyed.  With ``--status off`` it checks
+    that the process lives and, for --connections, listens on every port.
+    """
+    parser = _ArgumentParser(prog="tcpproxy health", description=health.__doc__.split(
+        "\n\n")[0].replace("``", ""))
+    parser.add_argument("--status", metavar="ADDR",
+                        help="the status address to check (default: the proxy's own)")
+    parser.add_argument("--pid", type=_arg_type(lambda t: check_limit(t, "--pid")),
+                        default=None, help="the proxy's process (default 1 when it is "
+                        "tcpproxy)")
+    parser.add_argument("--timeout", type=_arg_type(_seconds), default=4.0,
+                        metavar="SECONDS", help="how long to wait for /status (default 4)")
+    opts = parser.parse_args(argv)
+    pid, their_argv, their_env = _find_proxy(opts.pid)
+    if opts.status is not None:
+        target = argparse.Namespace(status_address=None, mappings=[], backend="static")
+        try:
+            target.status_address = _status_address(opts.status)
+        except ConfigError as exc:
+            parser.error("argument --status: %s" % exc)
+    else:
+        try:
+            with open(os.devnull, "w") as devnull:   # their flags' errors are not ours
+                stderr, sys.stderr = sys.stderr, devnull
+                try:
+                    target = parse_args(their_argv or [], their_env)
+                finally:
+                    sys.stderr = stderr
+        except SystemExit:
+            target = argparse.Namespace(status_address=_status_address(
+                their_env.get("STATUS_ADDRESS") or DEFAULT_STATUS_ADDRESS),
+                mappings=[], backend="static")
+    if target.status_address is None:
+        return _health_without_status(pid, target)
+    host, port = target.status_address
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
+    url = "http://%s/status" % _format_hostport(host, port)
+    import urllib.request
+    import urllib.error
+    try:
+        with urllib.request.urlopen(url, timeout=opts.timeout) as response:
+            body = response.read(512).decode("utf-8", "replace").strip()
+            sys.stdout.write("healthy: %s answered %d %s\n" % (url, response.status, body))
+            return 0
+    except urllib.error.HTTPError as exc:
+        body = exc.read(512).decode("utf-8", "replace").strip()
+        sys.stdout.write("unhealthy: %s answered %d %s\n" % (url, exc.code, body))
+    except (OSError, ValueError) as exc:
+        sys.stdout.write("unhealthy: %s: %s\n" % (url, getattr(exc, "reason", exc)))
+    return 1
+
+
+def _find_proxy(pid):
+    """(pid, argv, environ) of the running proxy: *pid*, or PID 1 when it
+    runs tcpproxy; (None, None, os.environ) when there is none."""
+    for candidate in ([pid] if pid else [1]):
+        try:
+            with open("/proc/%d/cmdline" % candidate, "rb") as f:
+                words = [w.decode("utf-8", "replace") for w in f.read().split(b"\0") if w]
+            with open("/proc/%d/environ" % candidate, "rb") as f:
+                environ = dict(w.decode("utf-8", "replace").partition("=")[::2]
+                               for w in f.read().split(b"\0") if w)
+        except OSError:
+            continue
+        for index, word in enumerate(words):
+            if os.path.basename(word) in ("tcpproxy", "tcpproxy.py"):
+                return candidate, words[index + 1:], environ
+            if word == "-m" and words[index + 1:index + 2] == ["tcpproxy"]:
+                return candidate, words[index + 2:], environ
+    return None, None, os.environ
+
+
+def _health_without_status(pid, target):
+    if pid is None:
+        sys.stdout.write("unhealthy: the status endpoint is off and no tcpproxy process "
+                         "was found (use --pid)\n")
+        return 1
+    if not os.path.exists("/proc/%d" % pid):
+        sys.stdout.write("unhealthy: process %d is gone\n" % pid)
+        return 1
+    wanted = {m.listen_port for m in target.mappings}
+    listening = _listening_ports(pid)
+    missing = sorted(wanted - listening)
+    if missing:
+        sys.stdout.write("unhealthy: process %d does not listen on %s\n"
+                         % (pid, ", ".join(map(str, missing))))
+        return 1
+    sys.stdout.write("healthy: process %d listens on %s (status endpoint off)\n"
+                     % (pid, ", ".join(map(str, sorted(listening))) or "no port yet"))
+    return 0
+
+
+def _listening_ports(pid):
+    """The TCP ports that process *pid* listens on, from /proc."""
+    inodes = set()
+    try:
+        for fd in os.listdir("/proc/%d/fd" % pid):
             try:
-                proxy.stop(timeout=2.0)
-            except KeyboardInterrupt:
-                pass
+                target = os.readlink("/proc/%d/fd/%s" % (pid, fd))
+            except OSError:
+                continue
+            if target.startswith("socket:["):
+                inodes.add(target[8:-1])
+    except OSError:
+        return set()
+    ports = set()
+    for table in ("tcp", "tcp6"):
+        try:
+            with open("/proc/%d/net/%s" % (pid, table)) as f:
+                next(f, None)
+                for line in f:
+                    fields = line.split()
+                    if len(fields) > 9 and fields[3] == "0A" and fields[9] in inodes:
+                        ports.add(int(fields[1].rsplit(":", 1)[1], 16))
+        except OSError:
+            continue
+    return ports
 
 
 if __name__ == "__main__":

@@ -15,9 +15,13 @@ started with ``--backend NAME``.  A module defines one class, ``Backend``:
 
     fetch() -> list[Mapping]
         The full desired set of mappings.  Raises BackendError(reason) when
-        the poll as a whole failed; the proxy then keeps what it has.  A
-        single bad item is logged with log.error, naming it, and skipped.
-        Of two items with the same listen port the first is kept.
+        the poll as a whole failed and ConfigRejected(reason) when the
+        configuration is invalid: the proxy then keeps what it has.
+
+    problems = {}, held = set()   (optional, set by fetch())
+        Items that are invalid or in conflict ({label: reason}) and the
+        listen ports they concern: the poller keeps whatever is in force on
+        a held port (None: the port cannot be told, nothing is removed).
 
     describe() -> dict
         Extra information for /status?format=json.
@@ -29,29 +33,7 @@ started with ``--backend NAME``.  A module defines one class, ``Backend``:
 Backends: ``dynamodb`` (the original's table), ``elasticache`` (the lowest
 available node of a cluster) and ``file`` (a YAML file, re-read on change).
 Optional dependencies (boto3, PyYAML) are imported only inside the backend
-that needs them.
+that needs them; ``aws`` holds what the AWS backends share.
 """
 
-import logging
-
 __all__ = []
-
-log = logging.getLogger(__name__)
-
-
-def _first_per_port(entries, logger):
-    """Keep the first mapping per listen port from ``[(label, Mapping), ...]``.
-
-    Later ones are logged as errors, naming both items, and dropped.
-    """
-    kept = {}
-    labels = {}
-    for label, mapping in entries:
-        port = mapping.listen_port
-        if port in kept:
-            logger.error("skipping %s: listen port %d is already used by %s",
-                         label, port, labels[port])
-            continue
-        kept[port] = mapping
-        labels[port] = label
-    return list(kept.values())

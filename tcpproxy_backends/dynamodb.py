@@ -25,7 +25,6 @@ import sys
 import tcpproxy
 from tcpproxy import BackendError, ConfigError, Mapping, check_limit, parse_allow
 
-from . import _first_per_port
 from .aws import CONNECT_TIMEOUT, READ_TIMEOUT, aws_reason, import_boto3, make_client
 
 __all__ = ["Backend", "cli", "DEFAULT_TABLE", "make_client", "CONNECT_TIMEOUT", "READ_TIMEOUT"]
@@ -82,6 +81,42 @@ def _label(item):
     return "item %s=%r" % (RANGE_KEY, value)
 
 
+def _spec_port(item):
+    """The listen port an item's configuration names, if it can be told."""
+    value = item.get(RANGE_KEY)
+    text = value.get("S") if isinstance(value, dict) else None
+    head = text.split(":", 1)[0].strip() if isinstance(text, str) else ""
+    return int(head) if head.isascii() and head.isdigit() and 0 < int(head) < 65536 else None
+
+
+def _check_items(items):
+    """(mappings, problems, held) from Query items.  An invalid item, or two
+    items on one listen port, puts that port in *held* (the poller keeps
+    what is in force there; None: the port cannot be told, nothing is
+    removed) and its reason in *problems* ({item label: reason})."""
+    by_port, problems, held = {}, {}, set()
+    for item in items:
+        label = _label(item)
+        try:
+            mapping = _item_mapping(item)
+        except (ValueError, TypeError, AttributeError, tcpproxy.ProxyError) as exc:
+            problems[label] = "invalid: %s; keeping what is in force on its port" % exc
+            held.add(_spec_port(item))
+            continue
+        by_port.setdefault(mapping.listen_port, []).append((label, mapping))
+    mappings = []
+    for port, entries in sorted(by_port.items()):
+        if len(entries) > 1:
+            for label, _ in entries:
+                problems[label] = ("listen port %d has %d items (%s): keeping what is in "
+                                   "force; delete all but one, or use put --replace"
+                                   % (port, len(entries), ", ".join(l for l, _ in entries)))
+            held.add(port)
+        elif port not in held:
+            mappings.append(entries[0][1])
+    return mappings, problems, held
+
+
 class Backend:
     """Mappings from the DynamoDB items whose hash key is the --proxy name.
 
@@ -103,6 +138,8 @@ class Backend:
         self.client = client if client is not None else make_client("dynamodb", self.region)
         self.items = None
         self.pages = None
+        self.problems = {}          # item label -> reason, for the poller
+        self.held = set()           # listen ports whose mapping in force stays
 
     def _query_pages(self):
         request = {
@@ -142,17 +179,7 @@ class Backend:
                 self._botocore.exceptions.ClientError) as exc:
             raise BackendError("DynamoDB query of table %s for proxy %r failed: %s"
                                % (self.table, self.proxy, aws_reason(exc))) from exc
-        entries = []
-        for item in items:
-            label = _label(item)
-            try:
-                mapping = _item_mapping(item)
-            except (ValueError, TypeError, AttributeError, tcpproxy.ProxyError) as exc:
-                log.error("skipping DynamoDB %s of proxy %r in table %s: %s",
-                          label, self.proxy, self.table, exc)
-                continue
-            entries.append((label, mapping))
-        mappings = _first_per_port(entries, log)
+        mappings, self.problems, self.held = _check_items(items)
         self.items, self.pages = len(items), pages
         log.debug("DynamoDB table %s proxy %r: %d items in %d pages, %d mappings",
                   self.table, self.proxy, len(items), pages, len(mappings))
@@ -272,17 +299,21 @@ def _put(client, args):
     for mapping in mappings:
         item = dict(_key(args.proxy, mapping.spec), **options)
         actions.append({"Put": {"TableName": args.table, "Item": item}})
-    if args.replace:
-        wanted = {m.spec for m in mappings}
-        for item in _all_items(client, args.table, args.proxy):
-            configuration = item[RANGE_KEY]["S"]
-            try:
-                port = Mapping.parse(configuration).listen_port
-            except tcpproxy.ProxyError:
-                continue
-            if port in ports and configuration not in wanted:
-                actions.append({"Delete": {"TableName": args.table,
-                                           "Key": _key(args.proxy, configuration)}})
+    wanted = {m.spec for m in mappings}
+    others = []
+    for item in _all_items(client, args.table, args.proxy):
+        configuration = item[RANGE_KEY]["S"]
+        port = _spec_port(item)
+        if port in ports and configuration not in wanted:
+            others.append(configuration)
+    if others and not args.replace:
+        log.error("tcpproxy dynamodb put: listen port already has another item (%s): "
+                  "the proxy would keep what is in force there; add --replace to switch "
+                  "it in one transaction", ", ".join(others))
+        return 1
+    for configuration in others:
+        actions.append({"Delete": {"TableName": args.table,
+                                   "Key": _key(args.proxy, configuration)}})
     if len(actions) == 1:
         client.put_item(**actions[0]["Put"])
     else:

@@ -11,21 +11,22 @@
 
 The file is checked every second (``interval = 1.0``): a poll whose file has
 the same device, inode, size and mtime as the last one costs one ``stat()``
-and returns the previous answer; anything else re-reads it.  SIGHUP
-(``reload()``) re-reads it whatever its stat says, for the edit that keeps
-size and mtime (within the file system's timestamp granularity, or by
-``touch -r``).  Replacing the file with ``mv`` (atomic) is the safest way to
-edit it: a reader never sees half a file.
+and returns the previous answer.  SIGHUP (``reload()``) re-reads it whatever
+its stat says, for the edit that keeps size and mtime.
 
-Errors, decided so that a typo never tears everything down:
+A file is applied whole or not at all.  Any error (unreadable, not a regular
+file, larger than ``max_bytes``, not UTF-8, not YAML, several documents, a
+duplicate key anywhere, an unknown key, a bad value in any entry, two entries
+on one listen port, aliases that expand past ``MAX_NODES`` nodes) rejects the
+whole file: fetch() raises ConfigRejected naming the file, the line and the
+reason, and the proxy keeps the configuration in force, closing nothing.  An
+empty file is such an error: write ``mappings: []`` to remove every mapping.
 
-* File-level (unreadable, empty, not YAML, several documents, no
-  ``mappings`` list, unknown top-level key): fetch() raises BackendError naming
-  the line and reason, and the proxy keeps every current mapping.  An empty
-  file is such an error: write ``mappings: []`` to remove every mapping.
-* One bad entry (unknown key, bad port, bad CIDR, a listen port used by an
-  earlier entry): logged with log.error naming its line, skipped; the other
-  entries apply.  A mapping whose entry became bad is therefore removed.
+A file caught while it is being written is never applied: a changed file is
+read only once its mtime is ``settle`` seconds old, or once the same
+changed stat has been seen on two polls in a row, and is re-stat()ed after
+the read.  Replacing the file with ``mv`` (atomic) is still the best way to
+edit it.
 
 Top-level keys starting with ``x-`` are ignored, so they can hold YAML
 anchors to reuse (``allow: *office``).
@@ -33,26 +34,50 @@ anchors to reuse (``allow: *office``).
 
 import logging
 import os
+import stat
+import time
 
-from tcpproxy import (BackendError, ConfigError, Mapping, ProxyError, check_limit,
-                      check_port, parse_allow)
+from tcpproxy import (BackendError, ConfigError, ConfigRejected, Mapping, ProxyError,
+                      check_limit, check_port, check_unique_ports, parse_allow, short_repr)
 
-from . import _first_per_port
-
-__all__ = ["Backend", "parse_config"]
+__all__ = ["Backend", "parse_config", "MAX_BYTES", "MAX_NODES", "SETTLE"]
 
 log = logging.getLogger(__name__)
 
 ITEM_KEYS = ("listen", "target", "host", "port", "allow", "max_connections")
-
+MAX_BYTES = 1024 * 1024      # --config-max-bytes raises it
+MAX_NODES = 100000           # YAML nodes after alias expansion
+SETTLE = 1.0                 # a changed file is read once its mtime is this old
+MAX_REASONS = 10             # entry errors named in one message
 
 def _yaml():
     try:
         import yaml
     except ImportError:
-        raise BackendError("the file backend needs PyYAML: "
-                           "pip install 'tcpproxy[yaml]'") from None
+        raise BackendError("the file backend needs PyYAML: pip install pyyaml (or, for "
+                           "the installed package, pip install 'tcpproxy[yaml]')") from None
     return yaml
+
+
+def _loader(yaml, text):
+    """A SafeLoader over *text* that refuses a key repeated in one mapping
+    (PyYAML silently keeps the last one)."""
+
+    class Loader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            seen = {}
+            for key_node, _ in node.value:
+                if isinstance(key_node, yaml.ScalarNode) and key_node.tag != \
+                        "tag:yaml.org,2002:merge":
+                    if key_node.value in seen:
+                        raise yaml.constructor.ConstructorError(
+                            None, None, "found duplicate key %r (first at line %d)" % (
+                                key_node.value, seen[key_node.value].line + 1),
+                            key_node.start_mark)
+                    seen[key_node.value] = key_node.start_mark
+            return super().construct_mapping(node, deep)
+
+    return Loader(text)
 
 
 def _yaml_reason(exc, name):
@@ -74,17 +99,39 @@ def _where(name, node):
     return "%s line %d" % (name, node.start_mark.line + 1)
 
 
+def _expanded_size(yaml, root, limit):
+    """How many nodes *root* stands for once aliases are expanded (stops
+    counting past *limit*); linear in the number of distinct nodes."""
+    sizes = {}
+    stack = [(root, False)]
+    while stack:
+        node, children_done = stack.pop()
+        if id(node) in sizes:
+            continue
+        if isinstance(node, yaml.ScalarNode):
+            sizes[id(node)] = 1
+            continue
+        children = [n for pair in node.value for n in pair] \
+            if isinstance(node, yaml.MappingNode) else list(node.value)
+        if children_done:
+            sizes[id(node)] = min(limit + 1, 1 + sum(sizes.get(id(c), 0) for c in children))
+            continue
+        stack.append((node, True))
+        stack.extend((c, False) for c in children if id(c) not in sizes)
+    return sizes[id(root)]
+
+
 def _item_mapping(item):
     """Return the Mapping of one entry of ``mappings``; ValueError/ProxyError if bad."""
     if isinstance(item, str):
         return Mapping.parse(item)
     if not isinstance(item, dict):
         raise ValueError("an entry must be a mapping (listen:, target:) or a "
-                         "\"LPORT:HOST:RPORT\" string, not %r" % (item,))
+                         "\"LPORT:HOST:RPORT\" string, not %s" % short_repr(item))
     unknown = [str(k) for k in item if k not in ITEM_KEYS]
     if unknown:
         raise ValueError("unknown key %s (known: %s)"
-                         % (", ".join(map(repr, unknown)), ", ".join(ITEM_KEYS)))
+                         % (", ".join(short_repr(k) for k in unknown), ", ".join(ITEM_KEYS)))
     if "listen" not in item:
         raise ValueError("no listen port (listen: PORT)")
     listen = check_port(item["listen"], "listen")
@@ -93,95 +140,98 @@ def _item_mapping(item):
             raise ValueError("give either target: HOST:PORT or host: and port:, not both")
         target = item["target"]
         if not isinstance(target, str) or not target.strip():
-            raise ValueError("target must be a HOST:PORT string, not %r" % (target,))
+            raise ValueError("target must be a HOST:PORT string, not %s" % short_repr(target))
         spec = "%d:%s" % (listen, target.strip())
     elif "host" in item and "port" in item:
         host = item["host"]
         if not isinstance(host, str) or not host.strip():
-            raise ValueError("host must be a name or an address, not %r" % (host,))
+            raise ValueError("host must be a name or an address, not %s" % short_repr(host))
         host = host.strip()
         if ":" in host and not host.startswith("["):
             host = "[%s]" % host
         spec = "%d:%s:%d" % (listen, host, check_port(item["port"], "port"))
     else:
         raise ValueError("no target (target: HOST:PORT, or host: and port:)")
-    options = {}
-    allow = parse_allow(item.get("allow"))
-    if allow:
-        options["allow"] = allow
-    maximum = check_limit(item.get("max_connections"))
-    if maximum:
-        options["max_connections"] = maximum
+    options = {"max_connections": check_limit(item.get("max_connections"))}
+    if "allow" in item:
+        options["allow"] = parse_allow(item["allow"], "allow")
     return Mapping.parse(spec, **options)
 
 
-def parse_config(text, name="<config>", logger=log):
-    """Return the mappings of the YAML document ``text``.
+def parse_config(text, name="<config>"):
+    """Return ``(mappings, [])`` for the YAML document *text*.
 
-    Raises BackendError naming ``name``, the line and the reason when the
-    document as a whole is unusable; logs and skips a bad entry.  Returns
-    ``(mappings, skipped)`` where skipped lists the labels of skipped entries.
+    Raises ConfigRejected naming *name*, the line and the reason when any
+    part of the document is unusable: a file is applied whole or not at
+    all.  (The empty second item is kept for callers of the old API, which
+    skipped bad entries.)
     """
     yaml = _yaml()
     loader = None
     try:
-        loader = yaml.SafeLoader(text)
+        loader = _loader(yaml, text)
         node = loader.get_single_node()
         if node is None:
-            raise BackendError("%s is empty (write 'mappings: []' for no mappings)" % name)
+            raise ConfigRejected("%s is empty (write 'mappings: []' for no mappings)" % name)
+        if _expanded_size(yaml, node, MAX_NODES) > MAX_NODES:
+            raise ConfigRejected("%s: more than %d YAML nodes once aliases are expanded"
+                                 % (name, MAX_NODES))
         data = loader.construct_document(node)
     except yaml.reader.ReaderError as exc:
         before = text[:exc.position]
-        raise BackendError("%s line %d column %d: character %#x is not allowed in YAML"
-                           % (name, before.count("\n") + 1,
-                              len(before) - before.rfind("\n"), exc.character)) from None
+        raise ConfigRejected("%s line %d column %d: character %#x is not allowed in YAML"
+                             % (name, before.count("\n") + 1,
+                                len(before) - before.rfind("\n"), exc.character)) from None
     except yaml.YAMLError as exc:
-        raise BackendError(_yaml_reason(exc, name)) from None
+        raise ConfigRejected(_yaml_reason(exc, name)) from None
     except RecursionError:
-        raise BackendError("%s: nested too deeply" % name) from None
+        raise ConfigRejected("%s: nested too deeply" % name) from None
     finally:
         if loader is not None:
             loader.dispose()
     if not isinstance(data, dict) or not isinstance(node, yaml.MappingNode):
-        raise BackendError("%s: expected a mapping with a 'mappings' list at the top, "
-                           "found %s" % (_where(name, node), type(data).__name__))
+        raise ConfigRejected("%s: expected a mapping with a 'mappings' list at the top, "
+                             "found %s" % (_where(name, node), type(data).__name__))
     items_node = None
     for key_node, value_node in node.value:
         key = key_node.value if isinstance(key_node, yaml.ScalarNode) else None
         if key == "mappings":
             items_node = value_node
         elif not (isinstance(key, str) and key.startswith("x-")):
-            raise BackendError("%s: unknown top-level key %r (expected 'mappings')"
-                               % (_where(name, key_node), key))
+            raise ConfigRejected("%s: unknown top-level key %s (expected 'mappings')"
+                                 % (_where(name, key_node), short_repr(key)))
     if items_node is None:
-        raise BackendError("%s: no 'mappings' list" % name)
+        raise ConfigRejected("%s: no 'mappings' list" % name)
     items = data.get("mappings")
     if not isinstance(items, list) or not isinstance(items_node, yaml.SequenceNode):
-        raise BackendError("%s: 'mappings' must be a list (write 'mappings: []' for no "
-                           "mappings), not %s" % (_where(name, items_node),
-                                                  "empty" if items is None
-                                                  else type(items).__name__))
-    entries, skipped = [], []
+        raise ConfigRejected("%s: 'mappings' must be a list (write 'mappings: []' for no "
+                             "mappings), not %s" % (_where(name, items_node),
+                                                    "empty" if items is None
+                                                    else type(items).__name__))
+    entries, errors = [], []
     for index, (item, item_node) in enumerate(zip(items, items_node.value), 1):
         label = "%s (entry %d)" % (_where(name, item_node), index)
         try:
-            mapping = _item_mapping(item)
+            entries.append((label, _item_mapping(item)))
         except (ValueError, TypeError, ProxyError) as exc:
-            logger.error("skipping %s: %s", label, exc)
-            skipped.append(label)
-            continue
-        entries.append((label, mapping))
-    mappings = _first_per_port(entries, logger)
-    if len(mappings) != len(entries):
-        ports = {m.listen_port: m for m in mappings}
-        skipped.extend(label for label, m in entries if ports[m.listen_port] is not m)
-    return mappings, skipped
+            errors.append("%s: %s" % (label, exc))
+    try:
+        mappings = check_unique_ports(entries)
+    except ConfigError as exc:
+        errors.append(str(exc))
+    if errors:
+        more = len(errors) - MAX_REASONS
+        raise ConfigRejected("; ".join(errors[:MAX_REASONS])
+                             + ("; and %d more" % more if more > 0 else "")
+                             + " (nothing applied: the configuration in force stays)")
+    return mappings, []
 
 
 class Backend:
     """Mappings from a YAML file (--config), re-read when it changes.
 
-    Methods for the caller: fetch(), describe(), reload().
+    Methods for the caller: fetch(), describe(), reload().  Attributes:
+    settle (seconds; 0 reads a changed file at once), max_bytes.
     """
 
     name = "file"
@@ -193,10 +243,12 @@ class Backend:
             raise ConfigError("no config file: --backend file needs --config FILE")
         _yaml()
         self.path = os.path.abspath(os.fspath(path))
-        self._signature = None
+        self.max_bytes = getattr(options, "config_max_bytes", None) or MAX_BYTES
+        self.settle = SETTLE
+        self._signature = None         # of the file last read
+        self._pending = None           # a changed stat seen once, not read yet
         self._mappings = None
         self._error = None
-        self._skipped = []
 
     @staticmethod
     def _stat_signature(st):
@@ -206,41 +258,70 @@ class Backend:
         """Make the next fetch() re-read the file even if it looks unchanged."""
         self._signature = None
 
-    def fetch(self):
+    def _stat(self):
         try:
-            signature = self._stat_signature(os.stat(self.path))
+            st = os.stat(self.path)
         except OSError as exc:
             self._signature = None
             raise BackendError("cannot read %s: %s" % (self.path, exc.strerror or exc)) from None
+        if not stat.S_ISREG(st.st_mode):
+            raise ConfigRejected("%s is not a regular file" % self.path)
+        if st.st_size > self.max_bytes:
+            raise ConfigRejected("%s is %d bytes, more than the %d allowed "
+                                 "(--config-max-bytes)" % (self.path, st.st_size, self.max_bytes))
+        return st
+
+    def _settling(self, st, signature):
+        """True while a changed file may still be being written."""
+        if self.settle <= 0 or time.time() - st.st_mtime >= self.settle \
+                or signature == self._pending:
+            self._pending = None
+            return False
+        self._pending = signature
+        return True
+
+    def fetch(self):
+        st = self._stat()
+        signature = self._stat_signature(st)
         if signature == self._signature:
             if self._error is not None:
-                raise BackendError(self._error)
+                raise ConfigRejected(self._error)
+            return list(self._mappings)
+        if self._settling(st, signature):
+            if self._mappings is None:
+                raise BackendError("%s changed less than %gs ago: waiting for the write to "
+                                   "finish" % (self.path, self.settle))
+            log.debug("%s changed less than %gs ago: reading it at the next poll",
+                      self.path, self.settle)
             return list(self._mappings)
         try:
             with open(self.path, "rb") as f:
-                signature = self._stat_signature(os.fstat(f.fileno()))
-                raw = f.read()
+                raw = f.read(self.max_bytes + 1)
+                after = self._stat_signature(os.fstat(f.fileno()))
         except OSError as exc:
             self._signature = None
             raise BackendError("cannot read %s: %s" % (self.path, exc.strerror or exc)) from None
+        if after != signature or len(raw) != st.st_size:
+            self._pending = None
+            if self._mappings is None:
+                raise BackendError("%s changed while it was read: reading it again at "
+                                   "the next poll" % self.path)
+            log.debug("%s changed while it was read: reading it again", self.path)
+            return list(self._mappings)
         self._signature = signature
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError as exc:
             self._error = "%s is not UTF-8 text (byte %d)" % (self.path, exc.start)
-            raise BackendError(self._error) from None
+            raise ConfigRejected(self._error) from None
         try:
-            mappings, skipped = parse_config(text, self.path)
-        except BackendError as exc:
+            mappings, _ = parse_config(text, self.path)
+        except ConfigRejected as exc:
             self._error = str(exc)
             raise
-        log.info("read %s: %d mappings%s", self.path, len(mappings),
-                 ", %d entries skipped" % len(skipped) if skipped else "")
-        self._mappings, self._skipped, self._error = mappings, skipped, None
+        log.info("read %s: %d mappings", self.path, len(mappings))
+        self._mappings, self._error = mappings, None
         return list(mappings)
 
     def describe(self):
-        info = {"config": self.path}
-        if self._skipped:
-            info["skipped"] = list(self._skipped)
-        return info
+        return {"config": self.path}

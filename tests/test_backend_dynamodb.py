@@ -192,7 +192,7 @@ def test_items_with_options_become_mappings(table, proxy_name):
                             ipaddress.ip_network("192.168.1.0/24"))
 
 
-def test_bad_items_are_skipped_and_named(table, proxy_name, caplog):
+def test_bad_or_conflicting_items_hold_their_port_and_are_named(table, proxy_name):
     put(table, proxy_name, "8002:good.example.com:5432")
     put(table, proxy_name, "not-a-spec")
     put(table, proxy_name, "99999:toolarge.example.com:1")
@@ -201,16 +201,18 @@ def test_bad_items_are_skipped_and_named(table, proxy_name, caplog):
     put(table, proxy_name, "8004:badmax.example.com:1", max_connections={"S": "many"})
     put(table, proxy_name, "8005:typed.example.com:1", max_connections={"BOOL": True})
     put(table, proxy_name, "8006:also-good.example.com:1")
-    with caplog.at_level(logging.ERROR, logger="tcpproxy_backends"):
-        got = dynamodb.Backend(options(proxy_name, table)).fetch()
-    assert [m.spec for m in got] == ["8002:duplicate.example.com:5432",
-                                     "8006:also-good.example.com:1"]
-    text = caplog.text
+    backend = dynamodb.Backend(options(proxy_name, table))
+    got = backend.fetch()
+    # no silent winner on 8002; the bad items' ports are held, not removed
+    assert [m.spec for m in got] == ["8006:also-good.example.com:1"]
+    assert backend.held == {8002, 8003, 8004, 8005, None}     # None: "not-a-spec"
+    text = " ".join("%s %s" % item for item in backend.problems.items())
     for bad in ("not-a-spec", "99999:toolarge.example.com:1", "8002:good.example.com:5432",
-                "8003:badallow.example.com:1", "nonsense", "8004:badmax.example.com:1",
-                "8005:typed.example.com:1"):
+                "8002:duplicate.example.com:5432", "8003:badallow.example.com:1",
+                "nonsense", "8004:badmax.example.com:1", "8005:typed.example.com:1"):
         assert bad in text
-    assert "already used" in text
+    assert "listen port 8002 has 2 items" in text
+    assert len(backend.problems) == 7
 
 
 def test_query_follows_every_page(table, proxy_name):

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -38,8 +39,10 @@ def write(path, text):
     os.replace(tmp, path)
 
 
-def backend_for(path):
-    return file_backend.Backend(SimpleNamespace(config=str(path)))
+def backend_for(path, settle=0.0):
+    backend = file_backend.Backend(SimpleNamespace(config=str(path)))
+    backend.settle = settle               # read a changed file at once
+    return backend
 
 
 # Parsing #####################################################################
@@ -95,7 +98,7 @@ def test_file_level_errors_name_the_line(text, match):
     assert "m.yaml" in str(info.value)
 
 
-def test_bad_entries_are_skipped_and_named_with_their_line(caplog):
+def test_any_bad_entry_rejects_the_whole_file_naming_each():
     text = """mappings:
   - listen: 8002
     target: good.example.com:1
@@ -121,16 +124,52 @@ def test_bad_entries_are_skipped_and_named_with_their_line(caplog):
     host: good2.example.com
     port: 2
 """
-    with caplog.at_level(logging.ERROR, logger="tcpproxy_backends"):
-        mappings, skipped = file_backend.parse_config(text, "m.yaml")
-    assert [m.spec for m in mappings] == ["8002:good.example.com:1", "8008:good2.example.com:2"]
-    log = caplog.text
+    with pytest.raises(tcpproxy.ConfigRejected) as info:
+        file_backend.parse_config(text, "m.yaml")
+    message = str(info.value)
     for line, reason in [(4, "nonsense"), (5, "'tagret'"), (7, "99999"),
-                         (9, "not-a-network"), (12, "-3"), (15, "already used by m.yaml line 2"),
-                         (17, "8006"), (18, "not both")]:
-        assert "m.yaml line %d" % line in log
-        assert reason in log
-    assert len(skipped) == 8
+                         (9, "not-a-network"), (12, "-3"), (17, "8006"), (18, "not both")]:
+        assert "m.yaml line %d" % line in message
+        assert reason in message
+    assert "listen port 8002 is used twice" in message
+    assert "nothing applied" in message
+
+
+@pytest.mark.parametrize("text, match", [
+    ("mappings: []\nmappings: ['8002:a:1']\n", r"line 2 column 1: found duplicate key "
+     r"'mappings' \(first at line 1\)"),
+    ("mappings:\n  - listen: 8002\n    target: a:1\n    target: b:1\n",
+     r"line 4 column 5: found duplicate key 'target'"),
+    ("mappings:\n  - {listen: 8002, target: a:1, listen: 8003}\n", "duplicate key 'listen'"),
+])
+def test_a_repeated_key_rejects_the_file(text, match):
+    with pytest.raises(tcpproxy.ConfigRejected, match=match):
+        parse(text)
+
+
+def test_an_alias_bomb_is_refused_without_expanding_it():
+    lines = ["x-a: &a [10.0.0.0/8, 10.0.0.0/8, 10.0.0.0/8, 10.0.0.0/8, 10.0.0.0/8, "
+             "10.0.0.0/8, 10.0.0.0/8, 10.0.0.0/8, 10.0.0.0/8]"]
+    previous = "a"
+    for level in "bcdefghi":
+        lines.append("x-%s: &%s [%s]" % (level, level, ", ".join(["*" + previous] * 9)))
+        previous = level
+    lines.append("mappings:\n  - listen: 8002\n    target: a:1\n    allow: *i\n")
+    text = "\n".join(lines)
+    assert len(text) < 1000
+    started = time.monotonic()
+    with pytest.raises(tcpproxy.ConfigRejected, match="more than 100000 YAML nodes") as info:
+        parse(text)
+    assert time.monotonic() - started < 2
+    assert len(str(info.value)) < 300
+
+
+def test_a_nested_bad_value_is_named_briefly():
+    text = "x-a: &a [[1, 2, 3, 4, 5, 6], [1, 2, 3, 4, 5, 6]]\nmappings:\n" \
+           "  - {listen: 8002, target: a:1, allow: [*a, *a, *a, *a, *a, *a]}\n"
+    with pytest.raises(tcpproxy.ConfigRejected) as info:
+        parse(text)
+    assert "allow entry" in str(info.value) and len(str(info.value)) < 400
 
 
 YAMLISH = st.text(alphabet=st.sampled_from(
