@@ -47,7 +47,8 @@ Map of this file, in the order a connection's data flows through it:
 
 __version__ = "1.0.0"
 __all__ = [
-    "ProxyError", "ConfigError", "BackendError", "ConfigRejected", "ResolveError",
+    "ProxyError", "ConfigError", "BackendError", "ConfigRejected", "ConfigPending",
+    "ResolveError",
     "short_repr", "check_port", "parse_hostport", "parse_allow", "check_limit", "check_unique_ports",
     "Mapping", "parse_connections", "Resolver", "Registry", "Session",
     "ProxyServer", "StatusServer", "Proxy", "BackendPoller", "load_backend",
@@ -148,6 +149,11 @@ class BackendError(ProxyError):
 
 class ConfigRejected(BackendError):
     """The backend's configuration is invalid; the one in force stays."""
+
+
+class ConfigPending(ProxyError):
+    """The configuration is being changed (a file still being written):
+    the poller keeps what is in force and asks again at the next poll."""
 
 
 class ResolveError(ProxyError):
@@ -2371,8 +2377,14 @@ class BackendPoller:
     def poll_once(self):
         """Fetch and apply once; return True on success."""
         now = time.time()
+        self.polls += 1
         try:
             mappings = self.backend.fetch()
+        except ConfigPending as exc:
+            log.debug("backend %s: %s", self.backend.name, exc)
+            self._info = dict(self._info, polls=self.polls)
+            self.proxy.set_backend_state(self._info)
+            return True                   # nothing changes until it settles
         except ConfigRejected as exc:
             return self._record(False, str(exc), rejected=True)
         except ProxyError as exc:
@@ -2419,7 +2431,6 @@ class BackendPoller:
         self._problems = problems
 
     def _record(self, ok, error, partial=None, rejected=None):
-        self.polls += 1
         key = ("backend", self.backend.name)
         if ok:
             self.rejected = truncate(rejected) if rejected else None
@@ -3005,11 +3016,12 @@ def main(argv=None):
     if argv and argv[0] == "health":
         return health(argv[1:])
     check = bool(argv) and argv[0] == "check"
+    signals = _Signals()
+    if not check:
+        signals.install()          # first: a signal at any later moment exits cleanly
     args = parse_args(argv[1:] if check else argv)
     if check or args.check:
         return check_config(args)
-    signals = _Signals()
-    signals.install()
     _setup_logging(args.debug)
     _raise_nofile_limit()
     try:
@@ -3149,6 +3161,9 @@ def health(argv):
                         metavar="SECONDS", help="how long to wait for /status (default 4)")
     opts = parser.parse_args(argv)
     pid, their_argv, their_env = _find_proxy(opts.pid)
+    if opts.pid and pid is None:
+        sys.stdout.write("unhealthy: no tcpproxy process %d\n" % opts.pid)
+        return 1
     if opts.status is not None:
         target = argparse.Namespace(status_address=None, mappings=[], backend="static")
         try:

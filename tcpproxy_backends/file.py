@@ -37,8 +37,9 @@ import os
 import stat
 import time
 
-from tcpproxy import (BackendError, ConfigError, ConfigRejected, Mapping, ProxyError,
-                      check_limit, check_port, check_unique_ports, parse_allow, short_repr)
+from tcpproxy import (BackendError, ConfigError, ConfigPending, ConfigRejected, Mapping,
+                      ProxyError, check_limit, check_port, check_unique_ports, parse_allow,
+                      short_repr)
 
 __all__ = ["Backend", "parse_config", "MAX_BYTES", "MAX_NODES", "SETTLE"]
 
@@ -288,12 +289,8 @@ class Backend:
                 raise ConfigRejected(self._error)
             return list(self._mappings)
         if self._settling(st, signature):
-            if self._mappings is None:
-                raise BackendError("%s changed less than %gs ago: waiting for the write to "
-                                   "finish" % (self.path, self.settle))
-            log.debug("%s changed less than %gs ago: reading it at the next poll",
-                      self.path, self.settle)
-            return list(self._mappings)
+            raise ConfigPending("%s changed less than %gs ago: reading it once the write "
+                                "is over" % (self.path, self.settle))
         try:
             with open(self.path, "rb") as f:
                 raw = f.read(self.max_bytes + 1)
@@ -303,11 +300,7 @@ class Backend:
             raise BackendError("cannot read %s: %s" % (self.path, exc.strerror or exc)) from None
         if after != signature or len(raw) != st.st_size:
             self._pending = None
-            if self._mappings is None:
-                raise BackendError("%s changed while it was read: reading it again at "
-                                   "the next poll" % self.path)
-            log.debug("%s changed while it was read: reading it again", self.path)
-            return list(self._mappings)
+            raise ConfigPending("%s changed while it was read" % self.path)
         self._signature = signature
         try:
             text = raw.decode("utf-8")
