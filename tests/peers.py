@@ -446,56 +446,49 @@ def postgres():
         yield server
 
 
+def _dir(tmp_path, name):
+    d = tmp_path / name
+    d.mkdir()
+    return d
+
+
 @pytest.fixture
 def tls_certs(tmp_path):
-    d = tmp_path / "certs"
-    d.mkdir()
-    return make_certs(d)
-
-
-def _redis(tmp_path, certs):
-    d = tmp_path / "redis"
-    d.mkdir()
-    return Redis(d, certs)
+    return make_certs(_dir(tmp_path, "certs"))
 
 
 @pytest.fixture
 def redis(tmp_path):
-    with _redis(tmp_path, None) as server:
+    with Redis(_dir(tmp_path, "redis")) as server:
         yield server
 
 
 @pytest.fixture
 def redis_tls(tmp_path, tls_certs):
-    with _redis(tmp_path, tls_certs) as server:
+    with Redis(_dir(tmp_path, "redis"), tls_certs) as server:
         yield server
 
 
 def _factory(tmp_path, cls):
-    """A fixture body: ``make(*args)`` starts ``cls(dir, *args)`` in a new
-    directory under ``tmp_path``; every one is closed at teardown."""
+    """A factory fixture's body: yields ``make(*args)``, which starts
+    ``cls(dir, *args)`` in a new directory under ``tmp_path``; closes every
+    one at teardown."""
     started = []
 
     def make(*args, **kw):
-        d = tmp_path / ("%s-%d" % (cls.name, len(started)))
-        d.mkdir()
-        started.append(cls(d, *args, **kw))
+        started.append(cls(_dir(tmp_path, "%s-%d" % (cls.name, len(started))), *args, **kw))
         return started[-1]
 
-    return started, make
+    yield make
+    for server in started:
+        server.close()
 
 
 @pytest.fixture
 def haproxy(tmp_path):
-    started, make = _factory(tmp_path, HAProxy)
-    yield make
-    for server in started:
-        server.close()
+    yield from _factory(tmp_path, HAProxy)
 
 
 @pytest.fixture
 def prometheus(tmp_path):
-    started, make = _factory(tmp_path, Prometheus)
-    yield make
-    for server in started:
-        server.close()
+    yield from _factory(tmp_path, Prometheus)

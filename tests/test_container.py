@@ -52,6 +52,8 @@ def report(config, text):
         if reporter is None:
             sys.stderr.write(text + "\n")
         else:
+            if reporter._tw.width_of_current_line:      # after progress dots
+                reporter.write("\n")
             reporter.write_line(text)
 
 
