@@ -84,7 +84,7 @@ def account(user):
 
 # -- processes ---------------------------------------------------------------
 
-def _proc_start(pid):
+def _parent_and_start(pid):
     """(parent pid, start time) of ``pid`` from /proc, or None if gone."""
     try:
         stat = Path("/proc/%d/stat" % pid).read_text()
@@ -99,7 +99,7 @@ def descendants(pid):
     parents = {}
     for name in os.listdir("/proc"):
         if name.isdigit():
-            info = _proc_start(int(name))
+            info = _parent_and_start(int(name))
             if info:
                 parents[int(name)] = info
     found, todo = set(), [pid]
@@ -113,7 +113,7 @@ def descendants(pid):
 
 
 def _alive(entry):
-    info = _proc_start(entry[0])
+    info = _parent_and_start(entry[0])
     return info is not None and info[1] == entry[1]
 
 
