@@ -11,12 +11,12 @@ Fixtures (each skips, saying why, when its program is not installed;
 ``.ci/run`` installs them all):
 
 ``postgres``
-    a ``Postgres``: ``.port``; ``.psql(*args, port=)``, ``.pgbench(*args,
-    port=)`` run the clients against 127.0.0.1 (the server's own port unless
-    ``port`` is given, e.g. the proxy's).
+    a ``Postgres``: ``.port``; ``.psql(*args, host=, port=)``,
+    ``.pgbench(*args, host=, port=)`` run the clients against 127.0.0.1 and
+    the server's own port unless told otherwise (e.g. the proxy's port).
 ``redis``, ``redis_tls``
-    a ``Redis`` (plain port, or ``--tls-port`` only); ``.cli(*args, port=,
-    input=)`` runs ``redis-cli``.
+    a ``Redis`` (plain port, or ``--tls-port`` only); ``.cli(*args, host=,
+    port=, input=)`` runs ``redis-cli``.
 ``tls_certs``
     ``make_certs(dir)``: a throw-away CA and a server certificate for
     localhost, 127.0.0.1 and ::1 (``.ca``, ``.cert``, ``.key`` paths).
@@ -246,19 +246,19 @@ class Postgres(Peer):
         finally:
             shutil.rmtree(self.home, ignore_errors=True)
 
-    def _client(self, program, args, port, timeout):
+    def _client(self, program, args, host, port, timeout):
         env = dict(os.environ, PGCONNECT_TIMEOUT="5", PGUSER="postgres",
                    PGDATABASE="postgres")
-        return run([self.bin / program, "-h", LOOP4, "-p", port or self.port] + list(args),
+        return run([self.bin / program, "-h", host, "-p", port or self.port] + list(args),
                    timeout=timeout, env=env)
 
-    def psql(self, *args, port=None, timeout=CLIENT_TIMEOUT):
+    def psql(self, *args, host=LOOP4, port=None, timeout=CLIENT_TIMEOUT):
         """``psql -X -A -t ARGS`` (no psqlrc, unaligned, tuples only)."""
         return self._client("psql", ["-X", "-A", "-t", "-v", "ON_ERROR_STOP=1"] + list(args),
-                            port, timeout)
+                            host, port, timeout)
 
-    def pgbench(self, *args, port=None, timeout=CLIENT_TIMEOUT):
-        return self._client("pgbench", args, port, timeout)
+    def pgbench(self, *args, host=LOOP4, port=None, timeout=CLIENT_TIMEOUT):
+        return self._client("pgbench", args, host, port, timeout)
 
 
 # -- Redis -------------------------------------------------------------------
@@ -312,10 +312,10 @@ class Redis(Peer):
                      "--tls-auth-clients", "no"]
         super().__init__(argv, dir, [self.port])
 
-    def cli(self, *args, port=None, input=None, timeout=CLIENT_TIMEOUT):
-        """``redis-cli -h 127.0.0.1 -p PORT ARGS`` (``--tls`` against the CA
-        for a TLS server); ``input`` is its stdin (``-x``)."""
-        argv = [need("redis-cli", "redis-tools"), "-h", LOOP4, "-p", port or self.port]
+    def cli(self, *args, host=LOOP4, port=None, input=None, timeout=CLIENT_TIMEOUT):
+        """``redis-cli -h HOST -p PORT ARGS`` (``--tls`` against the CA for
+        a TLS server); ``input`` is its stdin (``-x``)."""
+        argv = [need("redis-cli", "redis-tools"), "-h", host, "-p", port or self.port]
         if self.certs is not None:
             argv += ["--tls", "--cacert", self.certs.ca]
         return run(argv + list(args), timeout=timeout, input=input)
