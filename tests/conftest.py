@@ -18,6 +18,9 @@ from helpers import (  # noqa: E402
     LOOP4, EchoServer, ProxyProcess, free_port, run_proxy_cli, wait_until,
 )
 
+# Real PostgreSQL, Redis, HAProxy and Prometheus servers (tests/peers.py).
+pytest_plugins = ["peers"]
+
 
 def _fd_count():
     return len(os.listdir("/proc/self/fd"))

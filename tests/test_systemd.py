@@ -1,0 +1,67 @@
+"""The systemd unit in .packaging/systemd: ``systemd-analyze verify``
+accepts it without a word (no running systemd needed), and it keeps the
+settings README.rst describes."""
+
+import configparser
+import shlex
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+import tcpproxy
+from helpers import REPO
+
+UNIT = REPO / ".packaging" / "systemd" / "tcpproxy.service"
+DEFAULTS = REPO / ".packaging" / "systemd" / "tcpproxy.default"
+
+
+def service():
+    parser = configparser.ConfigParser(interpolation=None, strict=True)
+    parser.optionxform = str
+    parser.read_string(UNIT.read_text())
+    return parser["Service"]
+
+
+def test_systemd_analyze_verify_accepts_the_unit(tmp_path):
+    analyze = shutil.which("systemd-analyze")
+    if not analyze:
+        pytest.skip("systemd-analyze is not installed (apt-get install systemd; "
+                    ".ci/run installs it)")
+    # verify insists that ExecStart exists: the copy starts this Python
+    text = UNIT.read_text()
+    assert "ExecStart=/usr/local/bin/tcpproxy " in text
+    copy = tmp_path / UNIT.name
+    copy.write_text(text.replace("ExecStart=/usr/local/bin/tcpproxy ",
+                                 "ExecStart=%s " % sys.executable))
+    result = subprocess.run([analyze, "verify", str(copy)], stdin=subprocess.DEVNULL,
+                            capture_output=True, text=True, timeout=60, check=False)
+    # unknown keys and bad values are warnings with exit status 0: none allowed
+    assert result.returncode == 0 and not (result.stdout + result.stderr).strip(), (
+        result.stdout + result.stderr)
+
+
+def test_unit_settings():
+    s = service()
+    assert (s["Type"], s["NotifyAccess"]) == ("notify", "main")
+    for key in ("DynamicUser", "NoNewPrivileges", "ProtectHome", "PrivateTmp"):
+        assert s[key] == "yes", key
+    assert s["ProtectSystem"] == "strict"
+    assert s["ExecReload"] == "/bin/kill -HUP $MAINPID"
+    assert s["EnvironmentFile"] == "-/etc/default/tcpproxy"
+    assert s["ExecStart"] == "/usr/local/bin/tcpproxy $TCPPROXY_ARGS"
+    assert s["KillMode"] in ("mixed", "main")
+    assert int(s["LimitNOFILE"]) >= 4096
+    # the drain must end before systemd's SIGKILL
+    drain = tcpproxy.build_parser().get_default("drain_timeout")
+    assert float(s["TimeoutStopSec"]) > drain
+
+
+def test_environment_file_parses_with_the_flags():
+    """The example /etc/default/tcpproxy holds flags tcpproxy accepts."""
+    values = dict(line.split("=", 1) for line in DEFAULTS.read_text().splitlines()
+                  if line.strip() and not line.startswith("#"))
+    args = shlex.split(values["TCPPROXY_ARGS"])[0].split()
+    parsed = tcpproxy.build_parser().parse_args(args)
+    assert parsed.connections and parsed.status == "127.0.0.1:8001"
