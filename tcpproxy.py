@@ -1731,6 +1731,10 @@ class StatusHandler(http.server.BaseHTTPRequestHandler):
         url = urllib.parse.urlsplit(self.path)
         query = urllib.parse.parse_qs(url.query)
         proxy = self.server.proxy
+        if url.path not in self.server.public_paths and \
+                not _allowed(self.client_address[0], self.server.allow):
+            self._send(403, "forbidden: not in --status-allow\n", "text/plain", body)
+            return
         if url.path == "/status":
             status = status_report(proxy)
             code = 200 if status["ok"] else 503
@@ -1779,8 +1783,9 @@ class StatusServer(http.server.ThreadingHTTPServer):
     reserve of *reserve_threads* (*reserve_per_client* per address) gives
     a request only *reserve_timeout* seconds, so slow or abusive clients
     cannot keep a health check out for longer than that.  Loopback clients
-    are always allowed (on-box and in-container health checks), whatever
-    --status-allow says.  Two descriptors are held in reserve so that
+    may always read the *public_paths* (on-box and in-container health
+    checks), whatever --status-allow says; /connections, which shows
+    client and upstream addresses, follows --status-allow.  Two descriptors are held in reserve so that
     /status still answers when the process has run out of them.
     """
 
@@ -1795,6 +1800,7 @@ class StatusServer(http.server.ThreadingHTTPServer):
     reserve_per_client = 2
     reserve_timeout = 1.0
     spare_descriptors = 2
+    public_paths = ("/status",)
 
     def __init__(self, address, proxy, allow=()):
         self.proxy = proxy
@@ -1809,6 +1815,8 @@ class StatusServer(http.server.ThreadingHTTPServer):
             spare.take()
 
     def verify_request(self, request, client_address):
+        # Loopback may ask for the public paths whatever --status-allow
+        # says; StatusHandler refuses it the others.
         if _allowed(client_address[0], self.allow) or _is_loopback(client_address[0]):
             return True
         _ratelimited.log(logging.WARNING, "status-acl",
@@ -1900,13 +1908,8 @@ class StatusServer(http.server.ThreadingHTTPServer):
 
 
 def _is_loopback(address):
-    try:
-        ip = ipaddress.ip_address(address.split("%", 1)[0])
-    except ValueError:
-        return False
-    if ip.version == 6 and ip.ipv4_mapped:
-        ip = ip.ipv4_mapped
-    return ip.is_loopback
+    """127.0.0.1 or ::1 (an IPv4-mapped one too): the host's own clients."""
+    return address in ("127.0.0.1", "::1", "::ffff:127.0.0.1")
 
 
 _EMPTY_STATS = _Stats().to_dict()
@@ -3042,6 +3045,10 @@ def main(argv=None):
     try:
         status = _serve(args, signals)
     finally:
+        # Done: a late signal must not kill the exiting process (Python
+        # puts the default handlers back while it finalizes).
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         logging.shutdown()
     leftover = [t for t in threading.enumerate()
                 if t is not threading.main_thread() and not t.daemon and t.is_alive()]

@@ -193,9 +193,9 @@ def image(podman, base_image, pytestconfig):
 
 # -- the running container ---------------------------------------------------
 
-def run_proxy(podman, pytestconfig, *args, ports=(), status=None, env=()):
+def run_proxy(podman, pytestconfig, *args, ports=(), status=None, env=(), expect=200):
     """Start the image with ``args``; wait until ``ports`` listen and
-    ``status`` answers.  Returns the container's name."""
+    ``status`` answers ``expect``.  Returns the container's name."""
     options = []
     for item in env:
         options += ["--env", item]
@@ -210,7 +210,7 @@ def run_proxy(podman, pytestconfig, *args, ports=(), status=None, env=()):
             if status is None:
                 return True
             try:
-                return http(status, timeout=1)[0] == 200
+                return http(status, timeout=1)[0] == expect
             except OSError:
                 return False
 
@@ -273,30 +273,31 @@ def healthcheck(podman, name):
 
 def test_healthcheck_follows_the_status_endpoint(podman, image, pytestconfig):
     """Healthy with the status address given by --status or by
-    STATUS_ADDRESS; unhealthy when there is no status endpoint
-    (``--status off``), as when it stops answering."""
+    STATUS_ADDRESS, and with ``--status off`` while it listens on its
+    ports; unhealthy when /status answers 503 (a backend never read)."""
     def mapping():
         port = free_port()
         return ["--connections", spec(port, LOOP4, 9)], [port]
 
-    flag, env = free_port(), free_port()
+    flag, env, broken_status = free_port(), free_port(), free_port()
     args, ports = mapping()
     by_flag = run_proxy(podman, pytestconfig, *args, "--status", "%s:%d" % (LOOP4, flag),
                         ports=ports, status=(LOOP4, flag))
     args, ports = mapping()
-    by_env = run_proxy(podman, pytestconfig, *args, "--status-allow", "127.0.0.0/8",
+    by_env = run_proxy(podman, pytestconfig, *args, "--status-allow", "10.0.0.0/8",
                        env=["STATUS_ADDRESS=%s:%d" % (LOOP4, env)], ports=ports,
                        status=(LOOP4, env))
     args, ports = mapping()
     off = run_proxy(podman, pytestconfig, *args, "--status", "off", ports=ports)
-    with timed(pytestconfig, "podman healthcheck run (3 containers)"):
-        results = {name: healthcheck(podman, name) for name in (by_flag, by_env, off)}
-    if any("unrecognized arguments: health" in out for _, out in results.values()):
-        pytest.xfail("this tcpproxy.py has no `tcpproxy health` command yet: %s"
-                     % results[by_flag][1].strip())
+    broken = run_proxy(podman, pytestconfig, "--backend", "file", "--config",
+                       "/nonexistent.yaml", "--status", "%s:%d" % (LOOP4, broken_status),
+                       ports=[], status=(LOOP4, broken_status), expect=503)
+    with timed(pytestconfig, "podman healthcheck run (4 containers)"):
+        results = {name: healthcheck(podman, name) for name in (by_flag, by_env, off, broken)}
     assert results[by_flag][0], results[by_flag][1]
     assert results[by_env][0], results[by_env][1]
-    assert not results[off][0], results[off][1]
+    assert results[off][0], results[off][1]
+    assert not results[broken][0], results[broken][1]
 
 
 BIND_80 = ("import os, socket\n"
