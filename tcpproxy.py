@@ -938,7 +938,9 @@ class Registry:
         with self.lock:
             if self._sessions.pop(session.id, None) is None:
                 return False
-            stats = self._stats.setdefault(session.listen_port, _Stats())
+            stats = self._stats.get(session.listen_port)
+            if stats is None:
+                stats = self._stats[session.listen_port] = _Stats()
             stats.active -= 1
             stats.bytes_up += session.bytes_up
             stats.bytes_down += session.bytes_down
@@ -2857,6 +2859,9 @@ def build_parser(environ=None):
     aws.add_argument("--elasticache-port", type=_arg_type(check_port), metavar="PORT",
                      help="local port that forwards to the cluster's node")
     aws.add_argument("--config", metavar="FILE", help="YAML mappings file (--backend file)")
+    aws.add_argument("--config-max-bytes", type=_arg_type(
+        lambda t: check_limit(t, "--config-max-bytes") or 1), default=None, metavar="N",
+        help="a larger --config file is rejected (default 1 MiB)")
     aws.add_argument("--poll-interval", type=_arg_type(_seconds),
                      default=DEFAULT_POLL_INTERVAL, metavar="SECONDS",
                      help="backend poll interval (default %g)" % DEFAULT_POLL_INTERVAL)
