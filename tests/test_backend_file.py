@@ -426,3 +426,34 @@ def test_cli_missing_config_is_one_clear_line(tmp_path):
     assert code == 2, log
     assert "--config" in log
     assert "Traceback" not in log
+
+
+def test_a_device_or_an_oversized_file_is_rejected_unread(tmp_path):
+    zero = tmp_path / "zero.yaml"
+    zero.symlink_to("/dev/zero")
+    with pytest.raises(tcpproxy.ConfigRejected, match="is not a regular file"):
+        backend_for(zero).fetch()
+    big = tmp_path / "big.yaml"
+    write(big, "mappings: ['8002:a.example.com:1']\n" + "#" * file_backend.MAX_BYTES)
+    with pytest.raises(tcpproxy.ConfigRejected, match=r"more than the 1048576 allowed"):
+        backend_for(big).fetch()
+    backend = file_backend.Backend(SimpleNamespace(config=str(big), config_max_bytes=2 << 20))
+    backend.settle = 0
+    assert backend.fetch() == [Mapping(8002, "a.example.com", 1)]
+
+
+def test_a_file_being_written_waits_until_it_settles(tmp_path):
+    path = tmp_path / "m.yaml"
+    write(path, "mappings: ['8002:a.example.com:1', '8003:a.example.com:1']\n")
+    os.utime(path, (time.time() - 10, time.time() - 10))
+    backend = backend_for(path, settle=1.0)
+    assert len(backend.fetch()) == 2
+    with open(path, "w") as f:                    # truncate, then half of the new text
+        f.write("mappings: ['8002:a.example.com:1']\n")
+        f.flush()
+        with pytest.raises(tcpproxy.ConfigPending):
+            backend.fetch()                      # fresh: not read yet
+        f.write("# the rest\n")
+    with pytest.raises(tcpproxy.ConfigPending):
+        backend.fetch()                          # changed again since: still waiting
+    assert backend.fetch() == [Mapping(8002, "a.example.com", 1)]   # unchanged twice: read
