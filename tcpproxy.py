@@ -52,7 +52,7 @@ __all__ = [
     "short_repr", "check_port", "parse_hostport", "parse_allow", "check_limit", "check_unique_ports",
     "Mapping", "parse_connections", "Resolver", "Registry", "Session",
     "ProxyServer", "StatusServer", "Proxy", "BackendPoller", "load_backend",
-    "parse_cpus", "pin_cpus", "main",
+    "parse_cpus", "pin_cpus", "JsonFormatter", "main",
 ]
 
 import argparse
@@ -197,7 +197,7 @@ class _OncePerChange:
         self.lock = threading.Lock()
         self._last = {}                   # key -> [text, when logged, repeats]
 
-    def log(self, level, key, msg, *args):
+    def log(self, level, key, msg, *args, extra=None):
         text = truncate(msg % args if args else msg)
         now = time.monotonic()
         with self.lock:
@@ -211,7 +211,7 @@ class _OncePerChange:
                 entry[1], entry[2] = now, 0
             else:
                 self._last[key] = [text, now, 0]
-        log.log(level, "%s", text)
+        log.log(level, "%s", text, extra=extra)
 
     def clear(self, key):
         with self.lock:
@@ -689,11 +689,14 @@ class Resolver:
         if recovered:
             log.warning("DNS lookup of %s works again: %s", host, ", ".join(addresses))
         if set(old) != set(addresses):
+            fields = {"event": "dns_change", "host": host, "old": list(old),
+                      "new": list(addresses), "ttl": ttl}
             if old:
                 log.info("DNS answer for %s changed: %s -> %s (ttl %ds)", host,
-                         ", ".join(old), ", ".join(addresses), ttl)
+                         ", ".join(old), ", ".join(addresses), ttl, extra=fields)
             else:
-                log.info("DNS answer for %s: %s (ttl %ds)", host, ", ".join(addresses), ttl)
+                log.info("DNS answer for %s: %s (ttl %ds)", host, ", ".join(addresses), ttl,
+                         extra=fields)
             with self.lock:
                 listeners = list(self._listeners)
             for callback in listeners:
@@ -1095,9 +1098,13 @@ def serve_client(proxy, listener, session, partner):
         return
     session.state = "open"
     if log.isEnabledFor(logging.INFO):
-        log.info("%d: %s connected to %s via %s", session.listen_port,
-                 _format_hostport(*session.client[:2]),
-                 _format_hostport(*session.upstream_address[:2]), session.target[0])
+        peer, address = (_format_hostport(*session.client[:2]),
+                         _format_hostport(*session.upstream_address[:2]))
+        log.info("%d: %s connected to %s via %s", session.listen_port, peer, address,
+                 session.target[0], extra={
+                     "event": "session_open", "session": session.id,
+                     "mapping": session.listen_port, "client": peer, "upstream": address,
+                     "target": _format_hostport(*session.target)})
     client = session.client_sock
     name = me.name
 
@@ -1191,9 +1198,15 @@ def connect_upstream(proxy, listener, session):
 def finish_session(proxy, session):
     """Close *session* for good: log, unregister, close both sockets."""
     if log.isEnabledFor(logging.INFO) and session.state == "open":
-        log.info("%d: %s closed (%s), %d bytes up, %d bytes down",
-                 session.listen_port, _format_hostport(*session.client[:2]),
-                 session.closed_reason or "done", session.bytes_up, session.bytes_down)
+        peer, reason = _format_hostport(*session.client[:2]), session.closed_reason or "done"
+        log.info("%d: %s closed (%s), %d bytes up, %d bytes down", session.listen_port,
+                 peer, reason, session.bytes_up, session.bytes_down, extra={
+                     "event": "session_close", "session": session.id,
+                     "mapping": session.listen_port, "client": peer,
+                     "upstream": _format_hostport(*session.upstream_address[:2]),
+                     "bytes_up": session.bytes_up, "bytes_down": session.bytes_down,
+                     "duration_s": round(time.time() - session.started, 3),
+                     "reason": reason})
     proxy.registry.close(session)
     session.close(proxy.libc)
 
@@ -2128,7 +2141,8 @@ class Proxy:
                 self._watcher.start()
             self.state = "running"
             log.info("tcpproxy %s started: %s", __version__,
-                     ", ".join(m.spec for m in self.mappings) or "no mappings yet")
+                     ", ".join(m.spec for m in self.mappings) or "no mappings yet",
+                     extra={"event": "start", "mappings": [m.spec for m in self.mappings]})
         return self
 
     def apply(self, mappings, timeout=5.0):
@@ -2177,7 +2191,7 @@ class Proxy:
             if drain and self.registry.active():
                 self.state = "draining"
                 log.warning("draining: waiting up to %gs for %d connection(s)",
-                            drain, self.registry.active())
+                            drain, self.registry.active(), extra={"event": "drain"})
                 self._stop_accepting_all()
                 if not self._drain(drain):
                     log.warning("drain timeout: closing %d connection(s)",
@@ -2402,7 +2416,9 @@ class BackendPoller:
         self._report_problems(problems)
         if set(mappings) != set(self.proxy.mappings):
             log.info("backend %s: applying %s", self.backend.name,
-                     ", ".join(m.spec for m in mappings) or "no mappings")
+                     ", ".join(m.spec for m in mappings) or "no mappings",
+                     extra={"event": "config_applied", "backend": self.backend.name,
+                            "mappings": [m.spec for m in mappings]})
         partial = None
         try:
             self.proxy.apply(mappings)
@@ -2446,7 +2462,9 @@ class BackendPoller:
             if rejected:
                 self.rejected = error
             _once.log(logging.ERROR, key, "backend %s: %s; keeping the configuration in "
-                      "force", self.backend.name, error)
+                      "force", self.backend.name, error, extra={
+                          "event": "config_rejected" if rejected else "backend_error",
+                          "backend": self.backend.name, "reason": error})
         self._publish(error=error if not ok else partial, rejected=self.rejected,
                       last_poll_failed=not ok)
         with self.applied:
@@ -2849,6 +2867,9 @@ def build_parser(environ=None):
         "TCPPROXY_CPUS)")
     add("--debug", type=_arg_type(_debug_level), default=0, metavar="{0,1,2}",
         help="0 warnings and errors, 1 adds connections, DNS and config changes, 2 everything")
+    add("--log-format", choices=("text", "json"),
+        default=environ.get("TCPPROXY_LOG_FORMAT", "text"),
+        help="text (default) or json: one object per line (env TCPPROXY_LOG_FORMAT)")
     aws = parser.add_argument_group("backends")
     aws.add_argument("--proxy", help="proxy name (dynamodb: the items' proxy_name)")
     aws.add_argument("--dynamodb", default="classic-proxy", metavar="TABLE",
@@ -2994,9 +3015,41 @@ def _fail(message, status=2):
     return status
 
 
-def _setup_logging(debug):
-    logging.basicConfig(level=DEBUG_LEVELS[debug],
-                        format="%(asctime)s %(levelname)s %(threadName)s: %(message)s")
+class JsonFormatter(logging.Formatter):
+    """--log-format json: one JSON object per line with stable keys: ts
+    (RFC 3339, UTC), level, logger, thread, msg, and the event's fields
+    where it has them (event: start, session_open, session_close,
+    dns_change, config_applied, config_rejected, backend_error, drain,
+    stop; mapping, client, upstream, target, session, bytes_up,
+    bytes_down, duration_s, reason, host, old, new, ttl, backend,
+    mappings), plus exc with a traceback."""
+
+    FIELDS = ("event", "mapping", "client", "upstream", "target", "session", "bytes_up",
+              "bytes_down", "duration_s", "reason", "host", "old", "new", "ttl", "backend",
+              "mappings")
+
+    def format(self, record):
+        out = {"ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+               + ".%03dZ" % (record.msecs % 1000),
+               "level": record.levelname, "logger": record.name,
+               "thread": record.threadName, "msg": record.getMessage()}
+        for key in self.FIELDS:
+            value = getattr(record, key, None)
+            if value is not None:
+                out[key] = value
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        return json.dumps(out, default=str)
+
+
+def _setup_logging(debug, log_format="text"):
+    handler = logging.StreamHandler()
+    if log_format == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter(
+            "%(asctime)s %(levelname)s %(threadName)s: %(message)s"))
+    logging.basicConfig(level=DEBUG_LEVELS[debug], handlers=[handler])
     # boto3 and botocore log credential lookups and retries at INFO: only
     # at --debug 2.
     for name in ("boto3", "botocore", "urllib3", "s3transfer"):
@@ -3030,7 +3083,7 @@ def main(argv=None):
     args = parse_args(argv[1:] if check else argv)
     if check or args.check:
         return check_config(args)
-    _setup_logging(args.debug)
+    _setup_logging(args.debug, args.log_format)
     _raise_nofile_limit()
     try:
         cpus = pin_cpus(args.cpus)
@@ -3094,7 +3147,7 @@ def _serve(args, signals):
                 signals.reload.clear()
                 _reload(poller, notifier, args.backend)
                 notifier.notify("READY=1", "STATUS=" + _summary(proxy))
-        log.warning("stopping (signal received)")
+        log.warning("stopping (signal received)", extra={"event": "stop"})
         notifier.notify("STOPPING=1", "STATUS=draining " + _summary(proxy))
         if poller is not None:
             poller.stop()
