@@ -56,6 +56,7 @@ __all__ = [
 ]
 
 import argparse
+import bisect
 import collections
 import errno
 import fcntl
@@ -806,8 +807,9 @@ class Session:
     """
 
     __slots__ = ("id", "listen_port", "target", "client", "upstream_address",
-                 "started", "last_up", "last_down", "bytes_up", "bytes_down", "lock",
-                 "client_sock", "upstream_sock", "closed_reason", "state", "pumps")
+                 "started", "opened", "connected", "last_up", "last_down", "bytes_up",
+                 "bytes_down", "lock", "client_sock", "upstream_sock", "closed_reason",
+                 "state", "pumps")
 
     def __init__(self, sid, listen_port, target, client, client_sock):
         self.id = sid
@@ -818,7 +820,9 @@ class Session:
         self.upstream_sock = None
         self.upstream_address = None
         self.started = time.time()
-        self.last_up = self.last_down = time.monotonic()   # last bytes each way
+        # time.monotonic(): accepted, upstream connected, last bytes each way
+        self.opened = self.last_up = self.last_down = time.monotonic()
+        self.connected = None
         self.bytes_up = 0
         self.bytes_down = 0
         self.lock = threading.Lock()
@@ -880,15 +884,34 @@ class Session:
                 "bytes_up": self.bytes_up, "bytes_down": self.bytes_down}
 
 
+CONNECT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                   10.0, 30.0)
+
+
 class _Stats:
-    __slots__ = ("active", "total", "bytes_up", "bytes_down", "refused", "failed")
+    """One mapping's counters (guarded by the Registry's lock)."""
+
+    __slots__ = ("active", "total", "bytes_up", "bytes_down", "refused", "failed",
+                 "refused_by", "failed_by", "connect_counts", "connect_sum")
+    REPORTED = ("active", "total", "bytes_up", "bytes_down", "refused", "failed")
 
     def __init__(self):
         self.active = self.total = self.bytes_up = self.bytes_down = 0
         self.refused = self.failed = 0
+        self.refused_by = {}                 # reason -> count
+        self.failed_by = {}
+        self.connect_counts = [0] * (len(CONNECT_BUCKETS) + 1)   # the last: +Inf
+        self.connect_sum = 0.0
 
     def to_dict(self):
-        return {name: getattr(self, name) for name in self.__slots__}
+        return {name: getattr(self, name) for name in self.REPORTED}
+
+    def details(self):
+        """to_dict() plus what /metrics shows: counts by reason, the
+        accept-to-connected histogram."""
+        return dict(self.to_dict(), refused_by=dict(self.refused_by),
+                    failed_by=dict(self.failed_by), connect_counts=list(self.connect_counts),
+                    connect_sum=self.connect_sum)
 
 
 class Registry:
@@ -915,12 +938,11 @@ class Registry:
     def open(self, listen_port, target, client, client_sock, limit=0, global_limit=0):
         """Register a session; returns None when a limit is reached."""
         with self.lock:
-            stats = self._stats.get(listen_port)
-            if stats is None:
-                stats = self._stats[listen_port] = _Stats()
+            stats = self._stats_of(listen_port)
             if ((limit and stats.active >= limit)
                     or (global_limit and len(self._sessions) >= global_limit)):
                 stats.refused += 1
+                stats.refused_by["limit"] = stats.refused_by.get("limit", 0) + 1
                 return None
             session = Session(next(self._ids), listen_port, target, client, client_sock)
             self._sessions[session.id] = session
@@ -928,25 +950,40 @@ class Registry:
             stats.total += 1
             return session
 
-    def count_refused(self, listen_port):
-        with self.lock:
-            self._stats.setdefault(listen_port, _Stats()).refused += 1
+    def _stats_of(self, listen_port):
+        stats = self._stats.get(listen_port)
+        if stats is None:
+            stats = self._stats[listen_port] = _Stats()
+        return stats
 
-    def count_failed(self, listen_port):
+    def count_refused(self, listen_port, reason="allow"):
+        """A client refused (*reason*: allow, limit or draining)."""
         with self.lock:
-            self._stats.setdefault(listen_port, _Stats()).failed += 1
+            stats = self._stats_of(listen_port)
+            stats.refused += 1
+            stats.refused_by[reason] = stats.refused_by.get(reason, 0) + 1
+
+    def count_failed(self, listen_port, reason="other"):
+        """A client closed for want of an upstream (*reason*: resolve,
+        refused, timeout, unreachable, other)."""
+        with self.lock:
+            stats = self._stats_of(listen_port)
+            stats.failed += 1
+            stats.failed_by[reason] = stats.failed_by.get(reason, 0) + 1
 
     def close(self, session):
         """Unregister *session*; False if it was not registered."""
         with self.lock:
             if self._sessions.pop(session.id, None) is None:
                 return False
-            stats = self._stats.get(session.listen_port)
-            if stats is None:
-                stats = self._stats[session.listen_port] = _Stats()
+            stats = self._stats_of(session.listen_port)
             stats.active -= 1
             stats.bytes_up += session.bytes_up
             stats.bytes_down += session.bytes_down
+            if session.connected:
+                seconds = session.connected - session.opened
+                stats.connect_counts[bisect.bisect_left(CONNECT_BUCKETS, seconds)] += 1
+                stats.connect_sum += seconds
             if self._waiters:
                 self._changed.notify_all()
             return True
@@ -987,13 +1024,18 @@ class Registry:
         with self.lock:
             self._stats.pop(listen_port, None)
 
-    def stats(self):
-        """{listen_port: counters dict}, with the bytes of open sessions."""
+    def stats(self, details=False):
+        """{listen_port: counters dict}, with the bytes of open sessions
+        (*details*: with _Stats.details())."""
         with self.lock:
             sessions = list(self._sessions.values())
-            stats = {port: s.to_dict() for port, s in self._stats.items()}
+            stats = {port: s.details() if details else s.to_dict()
+                     for port, s in self._stats.items()}
         for session in sessions:
-            entry = stats.setdefault(session.listen_port, _Stats().to_dict())
+            entry = stats.get(session.listen_port)
+            if entry is None:
+                entry = stats[session.listen_port] = (_Stats().details() if details
+                                                      else _Stats().to_dict())
             entry["bytes_up"] += session.bytes_up
             entry["bytes_down"] += session.bytes_down
         return stats
@@ -1082,14 +1124,17 @@ def serve_client(proxy, listener, session, partner):
     upstream = None
     try:
         if proxy.is_draining():
+            proxy.registry.count_refused(session.listen_port, "draining")
             session.abort("proxy is stopping")
         else:
             upstream = connect_upstream(proxy, listener, session)
             if upstream is None:
                 listener.failing += 1
                 proxy.registry.count_failed(session.listen_port)
-            elif listener.failing:
-                listener.failing = 0
+            else:
+                session.connected = time.monotonic()
+                if listener.failing:
+                    listener.failing = 0
     finally:
         if upstream is None:
             proxy.workers.give_back(partner)
