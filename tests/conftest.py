@@ -38,10 +38,10 @@ def no_leaks():
     threads = threading.active_count()
     fds = _fd_count()
     yield
-    assert wait_until(lambda: threading.active_count() <= threads, 5), (
-        "leftover threads: %s" % [t.name for t in threading.enumerate()])
-    assert wait_until(lambda: _fds_back(fds), 5), (
-        "leaked descriptors: %d > %d" % (_fd_count(), fds))
+    wait_until(lambda: threading.active_count() <= threads, 5, message=lambda: (
+        "leftover threads: %s" % [t.name for t in threading.enumerate()]))
+    wait_until(lambda: _fds_back(fds), 5, message=lambda: (
+        "leaked descriptors: %d > %d" % (_fd_count(), fds)))
 
 
 @pytest.fixture

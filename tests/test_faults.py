@@ -20,11 +20,10 @@ from types import SimpleNamespace
 import pytest
 
 import tcpproxy
-from backendkit import MotoEndpoint
 from helpers import (
-    LOOP4, TCPPROXY, BulkServer, ProxyProcess, accept, closed_by_peer, closed_promptly,
-    connect, echo_once, free_port, http, http_json, pattern, proc_fds, proc_rss_kib,
-    proc_threads, recv_exact, roundtrip, sha256, spec, wait_until,
+    LOOP4, TCPPROXY, BulkServer, MotoEndpoint, ProxyProcess, accept, closed_by_peer,
+    closed_promptly, connect, echo_once, free_port, http, http_json, pattern, proc_fds,
+    proc_rss_kib, proc_threads, recv_exact, roundtrip, sha256, spec, wait_until,
 )
 
 MB = 1 << 20
@@ -122,10 +121,13 @@ class Traffic:
         return self.pings, self.fresh
 
     def wait_more(self, pings=10, timeout=10.0):
-        """Wait until ``pings`` more loops have run (or a failure)."""
+        """Wait until ``pings`` more loops have run (or a failure); True when
+        there was no failure."""
         target = self.pings + pings
-        return wait_until(lambda: self.pings >= target or self.failures
-                          or not self.thread.is_alive(), timeout) and not self.failures
+        wait_until(lambda: self.pings >= target or self.failures or not self.thread.is_alive(),
+                   timeout, message=lambda: "traffic stalled at %d pings (waiting for %d)"
+                   % (self.pings, target))
+        return not self.failures
 
 
 UPSTREAM_SCRIPT = r"""
@@ -321,7 +323,8 @@ def test_dns_outage_while_traffic_flows(dns_server, echo, mode):
             t0 = time.monotonic()
             queries = dns_server.queries(name)
             # the answer expires (ttl 1) and lookups fail: stale is served
-            assert wait_until(lambda: resolver.info(name)["stale"], 10), resolver.info(name)
+            wait_until(lambda: resolver.info(name)["stale"], 10,
+                       message=lambda: resolver.info(name))
             assert dns_server.wait_queries(queries + 2, name, timeout=10)
             before = traffic.counts()
             assert wait_until(lambda: time.monotonic() - t0 > 3 or traffic.failures, 5)
@@ -331,7 +334,8 @@ def test_dns_outage_while_traffic_flows(dns_server, echo, mode):
             info = proxy.status()["mappings"][0]
             assert info["stale"] and info["dns_error"] and info["addresses"] == ["127.0.0.1"]
             dns_server.mode = "ok"
-            assert wait_until(lambda: not resolver.info(name)["stale"], 15), resolver.info(name)
+            wait_until(lambda: not resolver.info(name)["stale"], 15,
+                       message=lambda: resolver.info(name))
             assert traffic.wait_more(5), traffic.failures
         assert traffic.failures == []
         assert proxy.status()["mappings"][0]["failed"] == 0
@@ -388,8 +392,8 @@ def test_dynamodb_outage_keeps_mappings_serving(moto_env, echo):
             assert traffic.wait_more(10), traffic.failures
             moto_env.start()                          # same port, same data
             ok = poller.last_ok
-            assert wait_until(lambda: poller.last_ok != ok and proxy.status()["ok"], 15), (
-                proxy.status()["backend"])
+            wait_until(lambda: poller.last_ok != ok and proxy.status()["ok"], 15,
+                       message=lambda: proxy.status()["backend"])
             assert proxy.mappings == before
             assert traffic.wait_more(5), traffic.failures
         assert traffic.failures == []
@@ -584,9 +588,10 @@ def test_connect_storm_1000_at_once(start_proxy, echo):
     assert wait_until(lambda: mapping_stats(p.status_address, lport)["active"] == 0, 15)
     assert echo_once((LOOP4, lport), b"after") == b"after"
     # every descriptor is given back; pump threads retire after 5 s idle
-    assert wait_until(lambda: proc_fds(p.pid) <= base_fds + 2, 10), (proc_fds(p.pid), base_fds)
-    assert wait_until(lambda: proc_threads(p.pid) <= base_threads + 2, 20), (
-        proc_threads(p.pid), base_threads)
+    wait_until(lambda: proc_fds(p.pid) <= base_fds + 2, 10,
+               message=lambda: (proc_fds(p.pid), base_fds))
+    wait_until(lambda: proc_threads(p.pid) <= base_threads + 2, 20,
+               message=lambda: (proc_threads(p.pid), base_threads))
     assert p.alive() and "Traceback" not in p.stderr()
 
 
@@ -682,7 +687,7 @@ def recover(p):
         except OSError:
             return False
 
-    assert wait_until(works, 15), "no recovery after the clients left:\n" + p.stderr()
+    wait_until(works, 15, message=lambda: "no recovery after the clients left:\n" + p.stderr())
     assert http(p.status_address, "GET", "/status", timeout=5)[0] == 200
     for i in range(NOFILE // 4):            # and not just for one client
         assert echo_once((LOOP4, p.lport), b"r%d" % i) == b"r%d" % i
@@ -703,7 +708,7 @@ def test_descriptors_exhausted_survives_backs_off_and_recovers(starved_proxy):
         "process got %.2f s): it spins" % (proxy_cpu, wall, core))
     for c in served:                         # the ones that got in keep working
         assert roundtrip(c, b"still") == b"still"
-    assert wait_until(lambda: "Too many open files" in p.stderr(), 5), p.stderr()
+    wait_until(lambda: "Too many open files" in p.stderr(), 5, message=p.stderr)
     recover(p)
     assert "Traceback" not in p.stderr()
 

@@ -49,9 +49,8 @@ def test_status_json(proxied):
         data = http_json(proxied.status_address, "/status?format=json")
         return data if 1000 in list(json_values(data)) else None
 
-    data = wait_until(counted, 5)
-    assert data, "no byte count of 1000 in %s" % http_json(
-        proxied.status_address, "/status?format=json")
+    data = wait_until(counted, 5, message=lambda: "no byte count of 1000 in %s" % http_json(
+        proxied.status_address, "/status?format=json"))
     assert data["version"] == tcpproxy.__version__
     keys = {k for k, _ in walk(data)}
     assert any("uptime" in k for k in keys), keys
