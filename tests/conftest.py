@@ -1,5 +1,6 @@
 """Fixtures: loopback upstreams, the loopback DNS server, the proxy as a
-subprocess, and a thread/descriptor baseline check around every test."""
+subprocess, moto with its AWS environment, and a thread/descriptor
+baseline check around every test."""
 
 import gc
 import os
@@ -15,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from dnsserver import DNSServer  # noqa: E402
 from helpers import (  # noqa: E402
-    LOOP4, EchoServer, ProxyProcess, free_port, run_proxy_cli, wait_until,
+    LOOP4, EchoServer, MotoEndpoint, ProxyProcess, free_port, run_proxy_cli, wait_until,
 )
 
 
@@ -138,6 +139,39 @@ def start_proxy(proxy_cli):
 
     return start
 
+
+@pytest.fixture(scope="module")
+def moto_server():
+    """moto's DynamoDB server on 127.0.0.1, one per test module (tables are
+    named per test).  Tests reach it through ``aws_env``."""
+    pytest.importorskip("moto.server")
+    endpoint = MotoEndpoint()
+    endpoint.start()
+    yield endpoint
+    endpoint.stop()
+
+
+@pytest.fixture
+def aws_env(moto_server, monkeypatch, tmp_path):
+    """The AWS environment boto3 and the DynamoDB backend see: dummy
+    credentials, no ~/.aws files, no instance metadata, nothing inherited
+    that changes endpoints, regions or retries, and
+    AWS_ENDPOINT_URL_DYNAMODB on moto.  Returns the MotoEndpoint, running
+    (started again if an earlier test left it stopped)."""
+    pytest.importorskip("boto3")
+    if moto_server.server is None:
+        moto_server.start()
+    for name in ("AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_SESSION_TOKEN", "AWS_REGION",
+                 "AWS_MAX_ATTEMPTS", "AWS_RETRY_MODE", "AWS_IGNORE_CONFIGURED_ENDPOINT_URLS"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "aws-config"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "aws-credentials"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    monkeypatch.setenv("AWS_ENDPOINT_URL_DYNAMODB", moto_server.url)
+    return moto_server
 
 
 @pytest.fixture

@@ -16,35 +16,10 @@ import pytest
 import tcpproxy
 from tcpproxy_backends import dynamodb
 
-from helpers import (LOOP4, EchoServer, Hammer, MotoEndpoint, closed_by_peer, echoes, free_port,
-                     free_ports, greeting, refused, talk, wait_until)
+from helpers import (LOOP4, EchoServer, Hammer, closed_by_peer, echoes, free_port, free_ports,
+                     greeting, refused, talk, wait_until)
 
 POLL = 0.2
-
-
-@pytest.fixture(scope="module")
-def moto():
-    endpoint = MotoEndpoint()
-    endpoint.start()
-    yield endpoint
-    if endpoint.server is not None:
-        endpoint.stop()
-
-
-@pytest.fixture
-def aws_env(moto, monkeypatch, tmp_path):
-    """Dummy credentials and the local endpoint, isolated from ~/.aws."""
-    for name in ("AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_SESSION_TOKEN", "AWS_REGION",
-                 "AWS_MAX_ATTEMPTS", "AWS_RETRY_MODE", "AWS_IGNORE_CONFIGURED_ENDPOINT_URLS"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "aws-config"))
-    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "aws-credentials"))
-    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
-    monkeypatch.setenv("AWS_ENDPOINT_URL_DYNAMODB", moto.url)
-    return moto
 
 
 def run_cli(*argv):

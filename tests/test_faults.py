@@ -21,9 +21,9 @@ import pytest
 
 import tcpproxy
 from helpers import (
-    LOOP4, TCPPROXY, BulkServer, MotoEndpoint, ProxyProcess, accept, closed_by_peer,
-    closed_promptly, connect, echo_once, free_port, http, http_json, pattern, proc_fds,
-    proc_rss_kib, proc_threads, recv_exact, roundtrip, sha256, spec, wait_until,
+    LOOP4, TCPPROXY, BulkServer, ProxyProcess, accept, closed_by_peer, closed_promptly,
+    connect, echo_once, free_port, http, http_json, pattern, proc_fds, proc_rss_kib,
+    proc_threads, recv_exact, roundtrip, sha256, spec, wait_until,
 )
 
 MB = 1 << 20
@@ -341,29 +341,9 @@ def test_dns_outage_while_traffic_flows(dns_server, echo, mode):
         assert proxy.status()["mappings"][0]["failed"] == 0
 
 
-@pytest.fixture
-def moto_env(monkeypatch, tmp_path):
-    pytest.importorskip("moto.server")
-    pytest.importorskip("boto3")
-    for var in ("AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_SESSION_TOKEN", "AWS_REGION",
-                "AWS_MAX_ATTEMPTS", "AWS_RETRY_MODE"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "aws-config"))
-    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "aws-credentials"))
-    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
-    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")          # fail fast while it is down
-    endpoint = MotoEndpoint()
-    endpoint.start()
-    monkeypatch.setenv("AWS_ENDPOINT_URL_DYNAMODB", endpoint.url)
-    yield endpoint
-    endpoint.stop()
-
-
-def test_dynamodb_outage_keeps_mappings_serving(moto_env, echo):
+def test_dynamodb_outage_keeps_mappings_serving(aws_env, monkeypatch, echo):
     from tcpproxy_backends import dynamodb
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")          # fail fast while it is down
     table, name = "faults-%s" % uuid.uuid4().hex[:8], "p-%s" % uuid.uuid4().hex[:8]
     assert dynamodb.cli(["create-table", "--table", table]) == 0
     lport = free_port()
@@ -381,7 +361,7 @@ def test_dynamodb_outage_keeps_mappings_serving(moto_env, echo):
         before = proxy.mappings
         with Traffic((LOOP4, lport)) as traffic:
             assert traffic.wait_more(5), traffic.failures
-            moto_env.stop()
+            aws_env.stop()
             polls = poller.polls
             # polls fail (and are retried with backoff); the mapping stays
             assert wait_until(lambda: poller.polls >= polls + 2, 15)
@@ -390,7 +370,7 @@ def test_dynamodb_outage_keeps_mappings_serving(moto_env, echo):
             assert "poll failed" in status["backend"]["last_error"]
             assert proxy.mappings == before
             assert traffic.wait_more(10), traffic.failures
-            moto_env.start()                          # same port, same data
+            aws_env.start()                          # same port, same data
             ok = poller.last_ok
             wait_until(lambda: poller.last_ok != ok and proxy.status()["ok"], 15,
                        message=lambda: proxy.status()["backend"])
