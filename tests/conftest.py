@@ -1,6 +1,6 @@
 """Fixtures: loopback upstreams, the loopback DNS server, the proxy as a
-subprocess, moto with its AWS environment, and a thread/descriptor
-baseline check around every test."""
+subprocess (with a chosen pump), moto with its AWS environment, and a
+thread/descriptor baseline check around every test."""
 
 import gc
 import os
@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from dnsserver import DNSServer  # noqa: E402
 from helpers import (  # noqa: E402
-    LOOP4, EchoServer, MotoEndpoint, ProxyProcess, free_port, run_proxy_cli, wait_until,
+    LOOP4, PUMPS, EchoServer, MotoEndpoint, ProxyProcess, free_port, run_proxy_cli, wait_until,
 )
 
 
@@ -114,13 +114,24 @@ def proxy_cli():
 
 
 @pytest.fixture
-def start_proxy(proxy_cli):
+def pump():
+    """The pump the proxy runs with: None, the one it picks by itself.  A
+    test that moves bytes is marked ``@helpers.each_pump``, which gives each
+    name in ``helpers.PUMPS`` in turn."""
+    return None
+
+
+@pytest.fixture
+def start_proxy(proxy_cli, pump):
     """Factory: ``start_proxy("LPORT:HOST:RPORT", ..., extra=[...],
     status=True)`` runs the CLI on 127.0.0.1 with a free status port (or
-    ``--status off``) and waits for every listen port.  The returned process
-    has ``.status_address`` and ``.ports``."""
+    ``--status off``), with the ``pump`` fixture's pump, and waits for every
+    listen port.  The returned process has ``.status_address`` and
+    ``.ports``."""
+    pump_env = PUMPS[pump] if pump is not None else {}
 
     def start(*specs, extra=(), status=True, env=None, nofile=None, listen=LOOP4):
+        env = dict(env or {}, **pump_env)
         args = ["--listen-address", listen]
         if specs:
             args += ["--connections"] + list(specs)

@@ -27,6 +27,8 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parent.parent
 TCPPROXY = REPO / "tcpproxy.py"
 
@@ -251,6 +253,30 @@ def pattern(n, seed):
 
 def sha256(data):
     return hashlib.sha256(data).hexdigest()
+
+
+# -- pumps ---------------------------------------------------------------------
+
+# The proxy moves bytes with one of three pumps, chosen by its environment:
+#   splice   os.splice for bulk, libc recv/send for small reads (Linux, 3.10+)
+#   copy     libc recv/send only (Python 3.9 on Linux)
+#   sockets  socket.recv_into/sendall only (no ctypes, not Linux)
+# A test that moves bytes runs with each pump the proxy can use here: it is
+# marked ``@each_pump`` and starts the proxy with the ``start_proxy``
+# fixture.  Every other test runs once, with the pump the proxy picks.
+PUMPS = {"splice": {"TCPPROXY_SPLICE": "1", "TCPPROXY_LIBC_IO": "1"},
+         "copy": {"TCPPROXY_SPLICE": "0", "TCPPROXY_LIBC_IO": "1"},
+         "sockets": {"TCPPROXY_SPLICE": "0", "TCPPROXY_LIBC_IO": "0"}}
+try:
+    import tcpproxy
+    if not tcpproxy.HAVE_SPLICE:
+        del PUMPS["splice"]
+    if tcpproxy._LibcIO.load() is None:
+        del PUMPS["copy"]
+except ImportError:  # pragma: no cover
+    del PUMPS["splice"], PUMPS["copy"]
+
+each_pump = pytest.mark.parametrize("pump", sorted(PUMPS))
 
 
 # -- /proc --------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """Forwarding through the proxy (run as ``python tcpproxy.py``): bytes intact
-both ways, half-close, resets, backpressure, failing upstreams, thousands of
-connections, and no leaks afterwards."""
+both ways, half-close, resets, backpressure (each with every pump), failing
+upstreams, thousands of connections, and no leaks afterwards."""
 
 import errno
 import hashlib
@@ -14,41 +14,16 @@ import pytest
 
 from helpers import (
     LOOP4, Blackhole, BulkServer, EchoServer, accept, closed_by_peer, closed_promptly, connect,
-    echo_once,
-    free_port, listen_overflows, pattern, proc_fds, proc_rss_kib, proc_threads,
-    raise_nofile, recv_all, recv_exact, roundtrip, sha256, spec, tcp_timers, wait_until,
+    each_pump, echo_once, free_port, listen_overflows, pattern, proc_fds, proc_rss_kib,
+    proc_threads, raise_nofile, recv_all, recv_exact, roundtrip, sha256, spec, tcp_timers,
+    wait_until,
 )
 
 MB = 1 << 20
 
-try:
-    import tcpproxy
-    HAVE_SPLICE = tcpproxy.HAVE_SPLICE
-    HAVE_LIBC_IO = tcpproxy._LibcIO.load() is not None
-except ImportError:  # pragma: no cover
-    HAVE_SPLICE = HAVE_LIBC_IO = False
-
-# Every forwarding test runs with each pump the proxy can use:
-#   splice   os.splice for bulk, libc recv/send for small reads (Linux, 3.10+)
-#   copy     libc recv/send only (Python 3.9 on Linux)
-#   sockets  socket.recv_into/sendall only (no ctypes, not Linux)
-PUMPS = {"splice": {"TCPPROXY_SPLICE": "1", "TCPPROXY_LIBC_IO": "1"},
-         "copy": {"TCPPROXY_SPLICE": "0", "TCPPROXY_LIBC_IO": "1"},
-         "sockets": {"TCPPROXY_SPLICE": "0", "TCPPROXY_LIBC_IO": "0"}}
-if not HAVE_SPLICE:
-    del PUMPS["splice"]
-if not HAVE_LIBC_IO:
-    del PUMPS["copy"]
-
-
-@pytest.fixture(params=sorted(PUMPS))
-def start_proxy(request, start_proxy):
-    pump_env = PUMPS[request.param]
-
-    def start(*specs, env=None, **kwargs):
-        return start_proxy(*specs, env=dict(env or {}, **pump_env), **kwargs)
-
-    return start
+# Tests of how bytes move (contents, half-close, resets, backpressure, what a
+# pump leaves behind) run with each pump (@each_pump); those of addressing,
+# upstream failures, socket options and scale run once.
 
 
 def settled(p, timeout=10.0):
@@ -79,6 +54,7 @@ def assert_no_growth(p, before, timeout=15.0):
                    proc_threads(p.pid), threads, proc_fds(p.pid), fds))
 
 
+@each_pump
 def test_bytes_pass_unchanged(start_proxy, echo):
     lport = free_port()
     start_proxy(spec(lport, LOOP4, echo.port))
@@ -102,6 +78,7 @@ def test_dual_stack_listen(start_proxy, echo):
     assert echo_once(("::1", lport), b"six") == b"six"
 
 
+@each_pump
 def test_50mb_each_way_sha256(start_proxy):
     size = 50 * MB
     up = pattern(size, 1)
@@ -141,6 +118,7 @@ def test_50mb_each_way_sha256(start_proxy):
         assert (got["n"], got["sha"]) == (size, sha256(down))
 
 
+@each_pump
 def test_half_close_client_first(start_proxy, listener):
     lport = free_port()
     start_proxy(spec(lport, LOOP4, listener.getsockname()[1]))
@@ -157,6 +135,7 @@ def test_half_close_client_first(start_proxy, listener):
             assert recv_all(c, 5) == b""                  # now both halves done
 
 
+@each_pump
 def test_half_close_upstream_first(start_proxy, listener):
     lport = free_port()
     start_proxy(spec(lport, LOOP4, listener.getsockname()[1]))
@@ -178,6 +157,7 @@ def _reset(sock):
     sock.close()
 
 
+@each_pump
 def test_upstream_reset_closes_client(start_proxy, listener):
     lport = free_port()
     start_proxy(spec(lport, LOOP4, listener.getsockname()[1]))
@@ -188,6 +168,7 @@ def test_upstream_reset_closes_client(start_proxy, listener):
         assert closed_by_peer(c, 3)
 
 
+@each_pump
 def test_client_reset_closes_upstream(start_proxy, listener):
     lport = free_port()
     start_proxy(spec(lport, LOOP4, listener.getsockname()[1]))
@@ -261,6 +242,7 @@ def push_until_blocked(sock, limit, quiet=1.0):
         sock.setblocking(True)
 
 
+@each_pump
 @pytest.mark.parametrize("direction", ["client-to-upstream", "upstream-to-client"])
 def test_slow_reader_memory_is_bounded(start_proxy, listener, direction):
     lport = free_port()
@@ -447,6 +429,7 @@ def test_connection_burst_is_not_dropped(start_proxy, echo):
     assert p.alive()
 
 
+@each_pump
 def test_no_leaks_after_errors(start_proxy, echo):
     """Refused upstreams, resets and normal closes all give their threads
     and descriptors back."""
