@@ -296,7 +296,7 @@ def test_failover_to_next_address_on_timeout(start_proxy, dns_server, make_echo)
     for _ in range(20):
         hole = Blackhole(host="127.0.0.2")
         try:
-            b = make_echo(host="127.0.0.3", port=hole.port, banner=b"B")
+            make_echo(host="127.0.0.3", port=hole.port, banner=b"B")
         except OSError:
             hole.close()
             continue
