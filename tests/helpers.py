@@ -165,6 +165,12 @@ def closed_promptly(addr, timeout=5.0):
         return closed_by_peer(sock, timeout)
 
 
+def reset_close(sock):
+    """Close ``sock`` with a RST (SO_LINGER 0) instead of a FIN."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+    sock.close()
+
+
 def roundtrip(sock, payload=b"ping", timeout=5.0):
     sock.sendall(payload)
     return recv_exact(sock, len(payload), timeout)
@@ -412,6 +418,15 @@ def http_json(addr, path, timeout=5.0):
     return json.loads(body)
 
 
+def mapping_stats(status_address, port):
+    """The /status?format=json entry of the mapping listening on ``port``."""
+    data = http_json(status_address, "/status?format=json")
+    for entry in data["mappings"]:
+        if entry["listen"].rsplit(":", 1)[1] == str(port):
+            return entry
+    raise AssertionError("no mapping on port %d in %s" % (port, json.dumps(data)))
+
+
 def walk(obj):
     """Yield every (key, value) pair and every leaf of a JSON document."""
     if isinstance(obj, dict):
@@ -640,10 +655,10 @@ class EchoServer(_LoopServer):
             with self._cond:
                 self.accepted += 1
                 self._cond.notify_all()
-            if self.mode in ("close", "reset"):
-                if self.mode == "reset":
-                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
-                                    b"\x01\x00\x00\x00\x00\x00\x00\x00")
+            if self.mode == "reset":
+                reset_close(sock)
+                continue
+            if self.mode == "close":
                 sock.close()
                 continue
             sock.setblocking(False)
@@ -719,9 +734,9 @@ class EchoServer(_LoopServer):
         except (KeyError, ValueError):
             pass
         if reset:
-            c.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
-                              b"\x01\x00\x00\x00\x00\x00\x00\x00")
-        c.sock.close()
+            reset_close(c.sock)
+        else:
+            c.sock.close()
         with self._cond:
             self._conns.pop(fd, None)
             self._cond.notify_all()

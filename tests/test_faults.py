@@ -22,8 +22,8 @@ import pytest
 import tcpproxy
 from helpers import (
     LOOP4, TCPPROXY, BulkServer, ProxyProcess, accept, closed_by_peer, closed_promptly,
-    connect, echo_once, free_port, http, http_json, pattern, proc_fds, proc_rss_kib,
-    proc_threads, recv_exact, roundtrip, sha256, spec, wait_until,
+    connect, echo_once, free_port, http, mapping_stats, pattern, proc_fds,
+    proc_rss_kib, proc_threads, recv_exact, reset_close, roundtrip, sha256, spec, wait_until,
 )
 
 MB = 1 << 20
@@ -32,25 +32,12 @@ PAUSE = threading.Event()          # never set: Event.wait() is a bounded pause
 
 # -- helpers -------------------------------------------------------------------
 
-def mapping_stats(status_address, port):
-    data = http_json(status_address, "/status?format=json")
-    for entry in data["mappings"]:
-        if entry["listen"].rsplit(":", 1)[1] == str(port):
-            return entry
-    raise AssertionError("no mapping on port %d" % port)
-
-
 def cpu_seconds(pid, task=None):
     """utime + stime of a process (or one of its threads), in seconds."""
     path = "/proc/%d/stat" % pid if task is None else "/proc/%d/task/%s/stat" % (pid, task)
     with open(path) as f:
         fields = f.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def reset_close(sock):
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
-    sock.close()
 
 
 class Traffic:

@@ -15,8 +15,8 @@ import pytest
 from helpers import (
     LOOP4, Blackhole, BulkServer, EchoServer, accept, closed_by_peer, closed_promptly, connect,
     each_pump, echo_once, free_port, listen_overflows, pattern, proc_fds, proc_rss_kib,
-    proc_threads, raise_nofile, recv_all, recv_exact, roundtrip, sha256, spec, tcp_timers,
-    wait_until,
+    proc_threads, raise_nofile, recv_all, recv_exact, reset_close, roundtrip, sha256, spec,
+    tcp_timers, wait_until,
 )
 
 MB = 1 << 20
@@ -152,11 +152,6 @@ def test_half_close_upstream_first(start_proxy, listener):
             assert recv_all(u, 5) == b""
 
 
-def _reset(sock):
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
-    sock.close()
-
-
 @each_pump
 def test_upstream_reset_closes_client(start_proxy, listener):
     lport = free_port()
@@ -164,7 +159,7 @@ def test_upstream_reset_closes_client(start_proxy, listener):
     with connect((LOOP4, lport)) as c:
         u = accept(listener)
         assert roundtrip_pair(c, u)
-        _reset(u)
+        reset_close(u)
         assert closed_by_peer(c, 3)
 
 
@@ -175,7 +170,7 @@ def test_client_reset_closes_upstream(start_proxy, listener):
     c = connect((LOOP4, lport))
     with accept(listener) as u:
         assert roundtrip_pair(c, u)
-        _reset(c)
+        reset_close(c)
         assert closed_by_peer(u, 3)
 
 
@@ -442,7 +437,7 @@ def test_no_leaks_after_errors(start_proxy, echo):
             c = connect((LOOP4, good))
             assert roundtrip(c, b"%04d" % i) == b"%04d" % i
             if i % 2:
-                _reset(c)
+                reset_close(c)
             else:
                 c.close()
         assert echo.wait_idle(10)

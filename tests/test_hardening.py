@@ -21,8 +21,8 @@ import pytest
 
 import tcpproxy
 from helpers import (
-    LOOP4, closed_by_peer, connect, echo_once, free_port, http, http_json, port_listening,
-    recv_all, roundtrip, spec, wait_until,
+    LOOP4, closed_by_peer, connect, echo_once, free_port, http, mapping_stats,
+    port_listening, recv_all, roundtrip, spec, wait_until,
 )
 
 OUTSIDER = "127.0.0.2"
@@ -80,15 +80,6 @@ def http_from(source, addr, path="/status", timeout=5.0):
         return resp.status, resp.read()
     finally:
         conn.close()
-
-
-def mapping_stats(status_address, port):
-    """The /status?format=json entry of the mapping listening on ``port``."""
-    data = http_json(status_address, "/status?format=json")
-    for entry in data["mappings"]:
-        if entry["listen"].rsplit(":", 1)[1] == str(port):
-            return entry
-    raise AssertionError("no mapping on port %d in %s" % (port, json.dumps(data)))
 
 
 def status_code(addr, timeout=2.0):
