@@ -1,5 +1,6 @@
 """Fixtures: loopback upstreams, the loopback DNS server, the proxy as a
-subprocess, and a thread/descriptor baseline check around every test."""
+subprocess (with a chosen pump), moto with its AWS environment, and a
+thread/descriptor baseline check around every test."""
 
 import gc
 import os
@@ -15,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from dnsserver import DNSServer  # noqa: E402
 from helpers import (  # noqa: E402
-    LOOP4, EchoServer, ProxyProcess, free_port, run_proxy_cli, wait_until,
+    LOOP4, PUMPS, EchoServer, MotoEndpoint, ProxyProcess, free_port, run_proxy_cli, wait_until,
 )
 
 # Real PostgreSQL, Redis, HAProxy and Prometheus servers (tests/peers.py).
@@ -41,10 +42,10 @@ def no_leaks():
     threads = threading.active_count()
     fds = _fd_count()
     yield
-    assert wait_until(lambda: threading.active_count() <= threads, 5), (
-        "leftover threads: %s" % [t.name for t in threading.enumerate()])
-    assert wait_until(lambda: _fds_back(fds), 5), (
-        "leaked descriptors: %d > %d" % (_fd_count(), fds))
+    wait_until(lambda: threading.active_count() <= threads, 5, message=lambda: (
+        "leftover threads: %s" % [t.name for t in threading.enumerate()]))
+    wait_until(lambda: _fds_back(fds), 5, message=lambda: (
+        "leaked descriptors: %d > %d" % (_fd_count(), fds)))
 
 
 @pytest.fixture
@@ -116,13 +117,24 @@ def proxy_cli():
 
 
 @pytest.fixture
-def start_proxy(proxy_cli):
+def pump():
+    """The pump the proxy runs with: None, the one it picks by itself.  A
+    test that moves bytes is marked ``@helpers.each_pump``, which gives each
+    name in ``helpers.PUMPS`` in turn."""
+    return None
+
+
+@pytest.fixture
+def start_proxy(proxy_cli, pump):
     """Factory: ``start_proxy("LPORT:HOST:RPORT", ..., extra=[...],
     status=True)`` runs the CLI on 127.0.0.1 with a free status port (or
-    ``--status off``) and waits for every listen port.  The returned process
-    has ``.status_address`` and ``.ports``."""
+    ``--status off``), with the ``pump`` fixture's pump, and waits for every
+    listen port.  The returned process has ``.status_address`` and
+    ``.ports``."""
+    pump_env = PUMPS[pump] if pump is not None else {}
 
     def start(*specs, extra=(), status=True, env=None, nofile=None, listen=LOOP4):
+        env = dict(env or {}, **pump_env)
         args = ["--listen-address", listen]
         if specs:
             args += ["--connections"] + list(specs)
@@ -141,6 +153,39 @@ def start_proxy(proxy_cli):
 
     return start
 
+
+@pytest.fixture(scope="module")
+def moto_server():
+    """moto's DynamoDB server on 127.0.0.1, one per test module (tables are
+    named per test).  Tests reach it through ``aws_env``."""
+    pytest.importorskip("moto.server")
+    endpoint = MotoEndpoint()
+    endpoint.start()
+    yield endpoint
+    endpoint.stop()
+
+
+@pytest.fixture
+def aws_env(moto_server, monkeypatch, tmp_path):
+    """The AWS environment boto3 and the DynamoDB backend see: dummy
+    credentials, no ~/.aws files, no instance metadata, nothing inherited
+    that changes endpoints, regions or retries, and
+    AWS_ENDPOINT_URL_DYNAMODB on moto.  Returns the MotoEndpoint, running
+    (started again if an earlier test left it stopped)."""
+    pytest.importorskip("boto3")
+    if moto_server.server is None:
+        moto_server.start()
+    for name in ("AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_SESSION_TOKEN", "AWS_REGION",
+                 "AWS_MAX_ATTEMPTS", "AWS_RETRY_MODE", "AWS_IGNORE_CONFIGURED_ENDPOINT_URLS"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "aws-config"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "aws-credentials"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    monkeypatch.setenv("AWS_ENDPOINT_URL_DYNAMODB", moto_server.url)
+    return moto_server
 
 
 @pytest.fixture

@@ -3,12 +3,14 @@
 Everything binds port 0 (or a port from ``free_port()``) on loopback, every
 thread is named, kept and joined, and every wait is on an event, a socket or
 a condition with a timeout.  ``wait_until()`` polls a condition that no event
-reports (a subprocess's thread count, a port in /proc/net/tcp).
+reports (a subprocess's thread count, a port in /proc/net/tcp) and raises
+AssertionError when it is not met in time.
 """
 
 import errno
 import hashlib
 import http.client as httplib
+import inspect
 import ipaddress
 import json
 import os
@@ -25,6 +27,8 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parent.parent
 TCPPROXY = REPO / "tcpproxy.py"
 
@@ -33,23 +37,60 @@ LOOP4 = "127.0.0.1"
 
 # -- small utilities ---------------------------------------------------------
 
-def wait_until(predicate, timeout=5.0, interval=0.02):
-    """Poll ``predicate`` until true or ``timeout``; returns its last value."""
+def wait_until(predicate, timeout=10.0, interval=0.02, message=None):
+    """Poll ``predicate`` until it returns a true value; return that value.
+
+    Between checks it waits on an Event that nothing sets (a bounded pause
+    between polls, not a sleep standing in for synchronisation).  At the
+    deadline it raises AssertionError: ``message`` (a string or any object,
+    or a callable returning one, called only then), or else the condition's
+    source, with the predicate's last value.  ``assert wait_until(...)``
+    reads the same."""
     deadline = time.monotonic() + timeout
     pause = threading.Event()
     while True:
         value = predicate()
-        if value or time.monotonic() >= deadline:
+        if value:
             return value
-        pause.wait(min(interval, max(0.0, deadline - time.monotonic())))
+        left = deadline - time.monotonic()
+        if left <= 0:
+            if callable(message):
+                message = message()
+            if message is None:
+                message = "condition not met: %s" % _source(predicate)
+            raise AssertionError("%s\n(not met within %.1f s; last value %r)"
+                                 % (message, timeout, value))
+        pause.wait(min(interval, left))
+
+
+def _source(func):
+    """The source text of ``func`` on one line (for a lambda: its line)."""
+    try:
+        text = " ".join(inspect.getsource(func).split())
+    except (OSError, TypeError):
+        return repr(func)
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
+def free_ports(n, host=LOOP4):
+    """``n`` distinct TCP ports that were free on ``host`` a moment ago (held
+    open together while choosing)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket(family, socket.SOCK_STREAM)
+            socks.append(s)
+            s.bind((host, 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
 
 
 def free_port(host=LOOP4):
     """A TCP port that was free on ``host`` a moment ago."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+    return free_ports(1, host)[0]
 
 
 def raise_nofile(want=None):
@@ -124,6 +165,12 @@ def closed_promptly(addr, timeout=5.0):
         return closed_by_peer(sock, timeout)
 
 
+def reset_close(sock):
+    """Close ``sock`` with a RST (SO_LINGER 0) instead of a FIN."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+    sock.close()
+
+
 def roundtrip(sock, payload=b"ping", timeout=5.0):
     sock.sendall(payload)
     return recv_exact(sock, len(payload), timeout)
@@ -144,11 +191,66 @@ def banner_via(addr, size=1, timeout=5.0):
             return b""
 
 
-def spec(listen_port, host, port):
-    """The ``LPORT:HOST:RPORT`` string (IPv6 literal in brackets)."""
+def hostport(host, port):
+    """``HOST:PORT`` (an IPv6 literal in brackets)."""
     if ":" in host:
         host = "[%s]" % host
-    return "%d:%s:%d" % (listen_port, host, port)
+    return "%s:%d" % (host, port)
+
+
+def spec(listen_port, host, port):
+    """The ``LPORT:HOST:RPORT`` string (IPv6 literal in brackets)."""
+    return "%d:%s" % (listen_port, hostport(host, port))
+
+
+# -- probes for tagged upstreams (EchoServer(tag=...)) -------------------------
+
+def talk(port, timeout=5.0):
+    """Connect to 127.0.0.1:``port``; return (socket, the greeting line: the
+    tag of the EchoServer the connection reached, as str)."""
+    sock = connect((LOOP4, port), timeout)
+    try:
+        tag = b""
+        while not tag.endswith(b"\n"):
+            chunk = sock.recv(64)
+            if not chunk:
+                raise ConnectionError("closed before the greeting (got %r)" % tag)
+            tag += chunk
+    except BaseException:
+        sock.close()
+        raise
+    return sock, tag.decode().strip()
+
+
+def greeting(port, timeout=5.0):
+    """The tag of the server that a new connection to 127.0.0.1:``port``
+    reaches, or None when it is refused or closed without a greeting."""
+    try:
+        sock, tag = talk(port, timeout)
+    except OSError:
+        return None
+    sock.close()
+    return tag
+
+
+def refused(port):
+    """True when nothing listens on 127.0.0.1:``port`` (connection refused)."""
+    try:
+        socket.create_connection((LOOP4, port), timeout=2).close()
+    except ConnectionRefusedError:
+        return True
+    except OSError:
+        return False
+    return False
+
+
+def echoes(sock, payload=b"ping", timeout=5.0):
+    """True when ``sock`` still carries bytes both ways (False on EOF or an
+    error)."""
+    try:
+        return roundtrip(sock, payload, timeout) == payload
+    except OSError:
+        return False
 
 
 def pattern(n, seed):
@@ -157,6 +259,30 @@ def pattern(n, seed):
 
 def sha256(data):
     return hashlib.sha256(data).hexdigest()
+
+
+# -- pumps ---------------------------------------------------------------------
+
+# The proxy moves bytes with one of three pumps, chosen by its environment:
+#   splice   os.splice for bulk, libc recv/send for small reads (Linux, 3.10+)
+#   copy     libc recv/send only (Python 3.9 on Linux)
+#   sockets  socket.recv_into/sendall only (no ctypes, not Linux)
+# A test that moves bytes runs with each pump the proxy can use here: it is
+# marked ``@each_pump`` and starts the proxy with the ``start_proxy``
+# fixture.  Every other test runs once, with the pump the proxy picks.
+PUMPS = {"splice": {"TCPPROXY_SPLICE": "1", "TCPPROXY_LIBC_IO": "1"},
+         "copy": {"TCPPROXY_SPLICE": "0", "TCPPROXY_LIBC_IO": "1"},
+         "sockets": {"TCPPROXY_SPLICE": "0", "TCPPROXY_LIBC_IO": "0"}}
+try:
+    import tcpproxy
+    if not tcpproxy.HAVE_SPLICE:
+        del PUMPS["splice"]
+    if tcpproxy._LibcIO.load() is None:
+        del PUMPS["copy"]
+except ImportError:  # pragma: no cover
+    del PUMPS["splice"], PUMPS["copy"]
+
+each_pump = pytest.mark.parametrize("pump", sorted(PUMPS))
 
 
 # -- /proc --------------------------------------------------------------------
@@ -292,6 +418,15 @@ def http_json(addr, path, timeout=5.0):
     return json.loads(body)
 
 
+def mapping_stats(status_address, port):
+    """The /status?format=json entry of the mapping listening on ``port``."""
+    data = http_json(status_address, "/status?format=json")
+    for entry in data["mappings"]:
+        if entry["listen"].rsplit(":", 1)[1] == str(port):
+            return entry
+    raise AssertionError("no mapping on port %d in %s" % (port, json.dumps(data)))
+
+
 def walk(obj):
     """Yield every (key, value) pair and every leaf of a JSON document."""
     if isinstance(obj, dict):
@@ -417,24 +552,31 @@ class _Conn:
 
 
 class EchoServer(_LoopServer):
-    """Echo upstream on one thread (selectors), for thousands of connections.
+    """Echo upstream on one thread (selectors), for thousands of connections;
+    binds at construction, a context manager (``close()`` on exit).
 
     ``banner``: bytes sent first on every connection (tells which upstream a
-    proxied connection reached).  EOF from the client: pending data is
-    flushed, then the write half is shut (half-close propagates back).
+    proxied connection reached).  ``tag``: a name sent as the first line
+    (``tag`` and a newline), what ``talk()`` and ``greeting()`` read.  EOF
+    from the client: pending data is flushed, then the write half is shut
+    (half-close propagates back).
 
     ``mode``: "echo"; "close" (accept, close at once); "reset" (accept, close
     with RST).  ``refuse()`` closes the listener (connections are refused),
     ``resume()`` listens again on the same address.
 
+    ``address`` is (host, port), ``hostport`` the ``HOST:PORT`` text.
     ``accepted`` counts connections; ``wait_accepted(n)``; ``active`` counts
     open ones; ``wait_idle()``.
     """
 
     HIGH_WATER = 256 * 1024
 
-    def __init__(self, host=LOOP4, port=0, banner=None, mode="echo", backlog=4096):
-        super().__init__("EchoServer-%s" % host)
+    def __init__(self, host=LOOP4, port=0, banner=None, mode="echo", backlog=4096, tag=None):
+        super().__init__("EchoServer-%s" % (tag or host))
+        if tag is not None:
+            assert banner is None, "a tag is the banner: give one of them"
+            banner = (tag.encode() if isinstance(tag, str) else tag) + b"\n"
         self.host = host
         self.banner = banner
         self.mode = mode
@@ -450,6 +592,10 @@ class EchoServer(_LoopServer):
     @property
     def address(self):
         return (self.host, self.port)
+
+    @property
+    def hostport(self):
+        return hostport(self.host, self.port)
 
     @property
     def active(self):
@@ -509,10 +655,10 @@ class EchoServer(_LoopServer):
             with self._cond:
                 self.accepted += 1
                 self._cond.notify_all()
-            if self.mode in ("close", "reset"):
-                if self.mode == "reset":
-                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
-                                    b"\x01\x00\x00\x00\x00\x00\x00\x00")
+            if self.mode == "reset":
+                reset_close(sock)
+                continue
+            if self.mode == "close":
                 sock.close()
                 continue
             sock.setblocking(False)
@@ -588,9 +734,9 @@ class EchoServer(_LoopServer):
         except (KeyError, ValueError):
             pass
         if reset:
-            c.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
-                              b"\x01\x00\x00\x00\x00\x00\x00\x00")
-        c.sock.close()
+            reset_close(c.sock)
+        else:
+            c.sock.close()
         with self._cond:
             self._conns.pop(fd, None)
             self._cond.notify_all()
@@ -743,6 +889,71 @@ class Blackhole:
         self.close()
 
 
+class MotoEndpoint:
+    """moto's DynamoDB server on a loopback port that can go down (``stop()``)
+    and come back on the same port (``start()``): moto keeps its data in this
+    process, so tables survive.  The ``aws_env`` fixture points boto3 at it."""
+
+    def __init__(self):
+        self.port = 0
+        self.server = None
+
+    def start(self):
+        from moto.server import ThreadedMotoServer
+        self.server = ThreadedMotoServer(ip_address=LOOP4, port=self.port, verbose=False)
+        self.server.start()
+        self.port = self.server.get_host_and_port()[1]
+
+    def stop(self):
+        if self.server is not None:
+            self.server.stop()
+            # ThreadedMotoServer.stop() only ends serve_forever(); close the
+            # socket too, so that the endpoint refuses like a dead one.
+            self.server._server.server_close()
+            self.server = None
+
+    @property
+    def url(self):
+        return "http://%s" % hostport(LOOP4, self.port)
+
+
+# -- clients -------------------------------------------------------------------
+
+class Hammer:
+    """A thread that opens a new connection to 127.0.0.1:``port`` over and
+    over until the ``with`` block ends (at most ``limit`` connections),
+    recording every greeting (``tags``) and every failure."""
+
+    def __init__(self, port, limit=5000):
+        self.port = port
+        self.limit = limit
+        self.tags = []
+        self.failures = []
+        self._stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="hammer-%d" % port)
+
+    def _run(self):
+        while not self._stop.is_set() and len(self.tags) + len(self.failures) < self.limit:
+            try:
+                sock, tag = talk(self.port, timeout=5)
+                sock.close()
+                self.tags.append(tag)
+            except OSError as exc:
+                self.failures.append(repr(exc))
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self.thread.join(10)
+        assert not self.thread.is_alive()
+
+    def seen(self, tag):
+        return tag in self.tags
+
+
 # -- the proxy as a subprocess ----------------------------------------------
 
 class ProxyProcess:
@@ -800,9 +1011,8 @@ class ProxyProcess:
                     % (self.proc.returncode, self.output()))
             return ports <= {p for _, p in listening(self.pid)}
 
-        if not wait_until(ready, timeout):
-            raise AssertionError("proxy not listening on %s within %ss:\n%s"
-                                 % (sorted(ports), timeout, self.output()))
+        wait_until(ready, timeout, message=lambda: "proxy not listening on %s:\n%s"
+                   % (sorted(ports), self.output()))
         if status is not None:
             def status_up():
                 try:
@@ -810,8 +1020,8 @@ class ProxyProcess:
                     return True
                 except OSError:
                     return False
-            if not wait_until(status_up, timeout):
-                raise AssertionError("status %s not accepting:\n%s" % (status, self.output()))
+            wait_until(status_up, timeout, message=lambda: "status %s not accepting:\n%s"
+                       % (status, self.output()))
         return self
 
     def send_signal(self, sig):

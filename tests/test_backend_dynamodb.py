@@ -16,35 +16,10 @@ import pytest
 import tcpproxy
 from tcpproxy_backends import dynamodb
 
-from backendkit import (HOST, MotoEndpoint, EchoServer, Hammer, closed_by_peer, echoes, free_port,
-                        free_ports, greeting, refused, talk, wait_until)
+from helpers import (LOOP4, EchoServer, Hammer, closed_by_peer, echoes, free_port, free_ports,
+                     greeting, refused, talk, wait_until)
 
 POLL = 0.2
-
-
-@pytest.fixture(scope="module")
-def moto():
-    endpoint = MotoEndpoint()
-    endpoint.start()
-    yield endpoint
-    if endpoint.server is not None:
-        endpoint.stop()
-
-
-@pytest.fixture
-def aws_env(moto, monkeypatch, tmp_path):
-    """Dummy credentials and the local endpoint, isolated from ~/.aws."""
-    for name in ("AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_SESSION_TOKEN", "AWS_REGION",
-                 "AWS_MAX_ATTEMPTS", "AWS_RETRY_MODE", "AWS_IGNORE_CONFIGURED_ENDPOINT_URLS"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "aws-config"))
-    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "aws-credentials"))
-    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
-    monkeypatch.setenv("AWS_ENDPOINT_URL_DYNAMODB", moto.url)
-    return moto
 
 
 def run_cli(*argv):
@@ -99,7 +74,7 @@ class Running:
 @pytest.fixture
 def running(table, proxy_name):
     backend = dynamodb.Backend(options(proxy_name, table))
-    proxy = tcpproxy.Proxy(listen_host=HOST, name=proxy_name, connect_timeout=2.0)
+    proxy = tcpproxy.Proxy(listen_host=LOOP4, name=proxy_name, connect_timeout=2.0)
     proxy.start()
     poller = BackendPoller(proxy, backend, interval=POLL).start()
     try:
@@ -166,7 +141,7 @@ def test_missing_table_is_a_backend_error_with_the_reason(aws_env):
 
 
 def test_endpoint_down_is_a_backend_error(aws_env, monkeypatch):
-    monkeypatch.setenv("AWS_ENDPOINT_URL_DYNAMODB", "http://%s:%d" % (HOST, free_port()))
+    monkeypatch.setenv("AWS_ENDPOINT_URL_DYNAMODB", "http://%s:%d" % (LOOP4, free_port()))
     backend = dynamodb.Backend(options("x", "t"))
     with pytest.raises(tcpproxy.BackendError, match="Could not connect"):
         backend.fetch()
@@ -294,7 +269,7 @@ def test_cli_is_reached_through_tcpproxy_main(table, proxy_name, capsys):
 
 def test_item_added_is_listening_within_one_poll(running, table, proxy_name):
     port = free_port()
-    with EchoServer("A") as a:
+    with EchoServer(tag="A") as a:
         backend = running.poller.backend
         fetches = []                                 # (started, specs) of every poll
 
@@ -307,7 +282,7 @@ def test_item_added_is_listening_within_one_poll(running, table, proxy_name):
         backend.fetch = recording_fetch
         running.wait_polls(1)
         assert running.proxy.mappings == []
-        spec = "%d:%s:%d" % (port, HOST, a.port)
+        spec = "%d:%s:%d" % (port, LOOP4, a.port)
         put(table, proxy_name, spec)
         written = time.monotonic()
         wait_until(lambda: greeting(port) == "A", timeout=10)
@@ -324,10 +299,10 @@ def test_item_added_is_listening_within_one_poll(running, table, proxy_name):
 
 def test_item_deleted_stops_listening_and_closes_its_connections(running, table, proxy_name):
     keep_port, drop_port = free_ports(2)
-    with EchoServer("A") as a:
-        drop = "%d:%s:%d" % (drop_port, HOST, a.port)
+    with EchoServer(tag="A") as a:
+        drop = "%d:%s:%d" % (drop_port, LOOP4, a.port)
         put(table, proxy_name, drop)
-        put(table, proxy_name, "%d:%s:%d" % (keep_port, HOST, a.port))
+        put(table, proxy_name, "%d:%s:%d" % (keep_port, LOOP4, a.port))
         wait_until(lambda: greeting(drop_port) == "A" and greeting(keep_port) == "A")
         dropped, _ = talk(drop_port)
         kept, _ = talk(keep_port)
@@ -344,8 +319,8 @@ def test_item_deleted_stops_listening_and_closes_its_connections(running, table,
 
 def test_changed_target_switches_without_refusing(running, table, proxy_name, capsys):
     port = free_port()
-    with EchoServer("A") as a, EchoServer("B") as b:
-        put(table, proxy_name, "%d:%s:%d" % (port, HOST, a.port))
+    with EchoServer(tag="A") as a, EchoServer(tag="B") as b:
+        put(table, proxy_name, "%d:%s:%d" % (port, LOOP4, a.port))
         wait_until(lambda: greeting(port) == "A")
         old, _ = talk(port)
         try:
@@ -353,7 +328,7 @@ def test_changed_target_switches_without_refusing(running, table, proxy_name, ca
                 wait_until(lambda: hammer.seen("A"))
                 # the helper's blue-green switch: put B and delete A in one transaction
                 assert run_cli("put", "--proxy", proxy_name, "--table", table, "--replace",
-                               "%d:%s:%d" % (port, HOST, b.port)) == 0
+                               "%d:%s:%d" % (port, LOOP4, b.port)) == 0
                 wait_until(lambda: hammer.seen("B"), timeout=10)
                 count = len(hammer.tags)
                 wait_until(lambda: len(hammer.tags) >= count + 20)
@@ -366,8 +341,8 @@ def test_changed_target_switches_without_refusing(running, table, proxy_name, ca
 
 def test_endpoint_down_keeps_serving_and_recovers(running, table, proxy_name, aws_env):
     port, later = free_ports(2)
-    with EchoServer("A") as a:
-        put(table, proxy_name, "%d:%s:%d" % (port, HOST, a.port))
+    with EchoServer(tag="A") as a:
+        put(table, proxy_name, "%d:%s:%d" % (port, LOOP4, a.port))
         wait_until(lambda: greeting(port) == "A")
         conn, _ = talk(port)
         try:
@@ -387,7 +362,7 @@ def test_endpoint_down_keeps_serving_and_recovers(running, table, proxy_name, aw
                 assert [m.listen_port for m in running.proxy.mappings] == [port]
             finally:
                 aws_env.start()
-            put(table, proxy_name, "%d:%s:%d" % (later, HOST, a.port))
+            put(table, proxy_name, "%d:%s:%d" % (later, LOOP4, a.port))
             wait_until(lambda: greeting(later) == "A", timeout=30)
             assert greeting(port) == "A"
             assert echoes(conn)
@@ -400,9 +375,9 @@ def test_endpoint_down_keeps_serving_and_recovers(running, table, proxy_name, aw
 def test_more_items_than_one_page_all_apply(running, table, proxy_name):
     ports = free_ports(30)
     running.poller.backend.page_limit = 7
-    with EchoServer("A") as a:
+    with EchoServer(tag="A") as a:
         for port in ports:
-            put(table, proxy_name, "%d:%s:%d" % (port, HOST, a.port))
+            put(table, proxy_name, "%d:%s:%d" % (port, LOOP4, a.port))
         wait_until(lambda: len(running.proxy.mappings) == 30, timeout=15)
         assert sorted(m.listen_port for m in running.proxy.mappings) == sorted(ports)
         assert all(greeting(port) == "A" for port in ports)
@@ -411,14 +386,14 @@ def test_more_items_than_one_page_all_apply(running, table, proxy_name):
 
 def test_item_allow_list_is_enforced(running, table, proxy_name):
     port = free_port()
-    with EchoServer("A") as a:
-        put(table, proxy_name, "%d:%s:%d" % (port, HOST, a.port),
+    with EchoServer(tag="A") as a:
+        put(table, proxy_name, "%d:%s:%d" % (port, LOOP4, a.port),
             allow={"L": [{"S": "127.0.0.2/32"}]})
         wait_until(lambda: running.proxy.mappings)
         # 127.0.0.1 is not in the list: closed before any upstream connection
         assert greeting(port) is None
-        assert a.client_count() == 0
-        sock = socket.create_connection((HOST, port), timeout=5,
+        assert a.accepted == 0
+        sock = socket.create_connection((LOOP4, port), timeout=5,
                                                       source_address=("127.0.0.2", 0))
         try:
             assert sock.recv(2) == b"A\n"

@@ -13,12 +13,12 @@ from botocore.stub import Stubber
 import tcpproxy
 from tcpproxy_backends import elasticache
 
-from backendkit import HOST, EchoServer, Hammer, echoes, free_port, greeting, talk, wait_until
+from helpers import LOOP4, EchoServer, Hammer, echoes, free_port, greeting, talk, wait_until
 
 CLUSTER = "docker-registry"
 
 
-def node(node_id, port, status="available", address=HOST):
+def node(node_id, port, status="available", address=LOOP4):
     entry = {"CacheNodeId": node_id, "CacheNodeStatus": status}
     if port is not None:
         entry["Endpoint"] = {"Address": address, "Port": port}
@@ -57,10 +57,10 @@ def test_lowest_numeric_available_node_is_the_target(stubbed):
         node("0010", 7010), node("0009", 7009), node("0002", 7002, status="creating"),
         node("0003", 7003, status="rebooting cache cluster nodes")), EXPECTED)
     backend = backend_for(client)
-    assert backend.fetch() == [tcpproxy.Mapping(5000, HOST, 7009)]
+    assert backend.fetch() == [tcpproxy.Mapping(5000, LOOP4, 7009)]
     info = backend.describe()
     assert info["cluster"] == CLUSTER and info["node"] == "0009"
-    assert info["target"] == "%s:7009" % HOST
+    assert info["target"] == "%s:7009" % LOOP4
     assert "warning" not in info
 
 
@@ -68,7 +68,7 @@ def test_node_ids_compare_as_numbers(stubbed):
     client, stubber = stubbed
     stubber.add_response("describe_cache_clusters", answer(node("10", 7010), node("9", 7009)),
                          EXPECTED)
-    assert backend_for(client).fetch() == [tcpproxy.Mapping(5000, HOST, 7009)]
+    assert backend_for(client).fetch() == [tcpproxy.Mapping(5000, LOOP4, 7009)]
 
 
 def test_moves_when_the_node_goes_away_or_stops_being_available(stubbed):
@@ -83,10 +83,10 @@ def test_moves_when_the_node_goes_away_or_stops_being_available(stubbed):
                                                            node("0003", None, "creating")),
                          EXPECTED)
     stubber.add_response("describe_cache_clusters", answer(node("0003", 7003)), EXPECTED)
-    assert backend.fetch() == [tcpproxy.Mapping(5000, HOST, 7001)]
-    assert backend.fetch() == [tcpproxy.Mapping(5000, HOST, 7002)]
-    assert backend.fetch() == [tcpproxy.Mapping(5000, HOST, 7002)]
-    assert backend.fetch() == [tcpproxy.Mapping(5000, HOST, 7003)]
+    assert backend.fetch() == [tcpproxy.Mapping(5000, LOOP4, 7001)]
+    assert backend.fetch() == [tcpproxy.Mapping(5000, LOOP4, 7002)]
+    assert backend.fetch() == [tcpproxy.Mapping(5000, LOOP4, 7002)]
+    assert backend.fetch() == [tcpproxy.Mapping(5000, LOOP4, 7003)]
     assert backend.describe()["node"] == "0003"
 
 
@@ -99,16 +99,16 @@ def test_no_available_node_keeps_the_target_and_warns(stubbed, caplog):
                          EXPECTED)
     stubber.add_response("describe_cache_clusters", answer(), EXPECTED)
     stubber.add_response("describe_cache_clusters", answer(node("0001", 7001)), EXPECTED)
-    assert backend.fetch() == [tcpproxy.Mapping(5000, HOST, 7001)]
+    assert backend.fetch() == [tcpproxy.Mapping(5000, LOOP4, 7001)]
     with caplog.at_level(logging.WARNING, logger="tcpproxy_backends"):
-        assert backend.fetch() == [tcpproxy.Mapping(5000, HOST, 7001)]
+        assert backend.fetch() == [tcpproxy.Mapping(5000, LOOP4, 7001)]
     info = backend.describe()
     assert "no available node" in info["warning"] and info["node"] == "0001"
     assert "0001 rebooting" in info["warning"]
     assert "no available node" in caplog.text
-    assert backend.fetch() == [tcpproxy.Mapping(5000, HOST, 7001)]     # zero nodes
+    assert backend.fetch() == [tcpproxy.Mapping(5000, LOOP4, 7001)]     # zero nodes
     assert "no nodes" in backend.describe()["warning"]
-    assert backend.fetch() == [tcpproxy.Mapping(5000, HOST, 7001)]
+    assert backend.fetch() == [tcpproxy.Mapping(5000, LOOP4, 7001)]
     assert "warning" not in backend.describe()
 
 
@@ -139,7 +139,7 @@ def test_a_node_with_a_bad_id_is_skipped(stubbed, caplog):
     stubber.add_response("describe_cache_clusters",
                          answer(node("primary", 7000), node("0004", 7004)), EXPECTED)
     with caplog.at_level(logging.ERROR, logger="tcpproxy_backends"):
-        assert backend_for(client).fetch() == [tcpproxy.Mapping(5000, HOST, 7004)]
+        assert backend_for(client).fetch() == [tcpproxy.Mapping(5000, LOOP4, 7004)]
     assert "'primary'" in caplog.text
 
 
@@ -175,7 +175,8 @@ def test_loaded_by_name(stubbed):
 
 @pytest.fixture
 def nodes():
-    with EchoServer("node1") as n1, EchoServer("node2") as n2, EchoServer("node3") as n3:
+    with EchoServer(tag="node1") as n1, EchoServer(tag="node2") as n2, \
+            EchoServer(tag="node3") as n3:
         yield {"0001": n1, "0002": n2, "0003": n3}
 
 
@@ -189,7 +190,7 @@ def test_proxy_follows_the_lowest_available_node(stubbed, nodes):
         stubber.add_response("describe_cache_clusters", answer(*answer_nodes), EXPECTED)
         assert poller.poll_once()
 
-    with tcpproxy.Proxy(listen_host=HOST, name=CLUSTER, connect_timeout=2.0) as proxy:
+    with tcpproxy.Proxy(listen_host=LOOP4, name=CLUSTER, connect_timeout=2.0) as proxy:
         poller = tcpproxy.BackendPoller(proxy, backend, interval=3600)
         poll(node("0003", n3.port), node("0002", n2.port), node("0001", n1.port))
         assert greeting(port) == "node1"
@@ -219,7 +220,7 @@ def test_proxy_follows_the_lowest_available_node(stubbed, nodes):
             assert hammer.failures == []
             assert "node1" not in hammer.tags[count:after + 10]
             assert "node2" not in hammer.tags[after:]
-            assert [m.spec for m in proxy.mappings] == ["%d:%s:%d" % (port, HOST, n1.port)]
+            assert [m.spec for m in proxy.mappings] == ["%d:%s:%d" % (port, LOOP4, n1.port)]
             assert "warning" not in proxy.status()["backend"]
             assert echoes(conn)       # opened on node 1 before the moves, left alone
         finally:
@@ -230,7 +231,7 @@ def test_first_poll_without_a_node_leaves_the_proxy_waiting(stubbed, nodes):
     client, stubber = stubbed
     port = free_port()
     backend = backend_for(client, port)
-    with tcpproxy.Proxy(listen_host=HOST, connect_timeout=2.0) as proxy:
+    with tcpproxy.Proxy(listen_host=LOOP4, connect_timeout=2.0) as proxy:
         poller = tcpproxy.BackendPoller(proxy, backend, interval=3600)
         stubber.add_response("describe_cache_clusters",
                              answer(node("0001", None, "creating")), EXPECTED)

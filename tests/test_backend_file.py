@@ -21,8 +21,8 @@ from hypothesis import strategies as st
 import tcpproxy
 from tcpproxy_backends import file as file_backend
 
-from backendkit import (HOST, EchoServer, closed_by_peer, echoes, free_port, free_ports,
-                        greeting, refused, talk, wait_until)
+from helpers import (LOOP4, EchoServer, closed_by_peer, echoes, free_port, free_ports,
+                     greeting, refused, talk, wait_until)
 
 ROOT = Path(__file__).resolve().parents[1]
 Mapping = tcpproxy.Mapping
@@ -278,7 +278,7 @@ def running(tmp_path):
     path = tmp_path / "mappings.yaml"
     write(path, "mappings: []\n")
     backend = backend_for(path)
-    with tcpproxy.Proxy(listen_host=HOST, connect_timeout=2.0) as proxy:
+    with tcpproxy.Proxy(listen_host=LOOP4, connect_timeout=2.0) as proxy:
         poller = tcpproxy.BackendPoller(proxy, backend).start()
         try:
             yield SimpleNamespace(path=path, proxy=proxy, poller=poller)
@@ -290,16 +290,16 @@ def running(tmp_path):
 def test_proxy_follows_the_file(running):
     assert running.poller.interval == 1.0
     one, two = free_ports(2)
-    with EchoServer("A") as a, EchoServer("B") as b:
+    with EchoServer(tag="A") as a, EchoServer(tag="B") as b:
         write(running.path, "mappings:\n  - listen: %d\n    target: %s\n  - '%d:%s'\n"
-              % (one, a.address, two, a.address))
+              % (one, a.hostport, two, a.hostport))
         wait_until(lambda: greeting(one) == "A" and greeting(two) == "A", timeout=10)
         conn_one, _ = talk(one)
         conn_two, _ = talk(two)
         try:
             # an in-place edit (no rename): one moves to B, two is removed
             running.path.write_text("mappings:\n  - listen: %d\n    target: %s\n"
-                                    % (one, b.address))
+                                    % (one, b.hostport))
             wait_until(lambda: greeting(one) == "B", timeout=10)
             wait_until(lambda: refused(two), timeout=10)
             assert closed_by_peer(conn_two)           # removed: its connections are closed
@@ -311,12 +311,12 @@ def test_proxy_follows_the_file(running):
 
 def test_invalid_edit_keeps_the_mappings(running):
     port, other = free_ports(2)
-    with EchoServer("A") as a:
-        write(running.path, "mappings:\n  - '%d:%s'\n" % (port, a.address))
+    with EchoServer(tag="A") as a:
+        write(running.path, "mappings:\n  - '%d:%s'\n" % (port, a.hostport))
         wait_until(lambda: greeting(port) == "A", timeout=10)
         conn, _ = talk(port)
         try:
-            write(running.path, "mappings:\n  - '%d:%s'\n  - listen: [\n" % (other, a.address))
+            write(running.path, "mappings:\n  - '%d:%s'\n  - listen: [\n" % (other, a.hostport))
             wait_until(lambda: running.poller.last_error
                        and "mappings.yaml line 4" in running.poller.last_error, timeout=10)
             status = running.proxy.status()
@@ -326,7 +326,7 @@ def test_invalid_edit_keeps_the_mappings(running):
             assert [m.listen_port for m in running.proxy.mappings] == [port]
             # fixed: applies
             write(running.path, "mappings:\n  - '%d:%s'\n  - '%d:%s'\n"
-                  % (port, a.address, other, a.address))
+                  % (port, a.hostport, other, a.hostport))
             wait_until(lambda: greeting(other) == "A", timeout=10)
             assert echoes(conn)
             assert running.proxy.status()["backend"]["error"] is None
@@ -344,8 +344,8 @@ class CLI:
         self.log_path = tmp_path / "stderr.log"
         self.log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(
-            [sys.executable, str(ROOT / "tcpproxy.py"), "--listen-address", HOST,
-             "--status", "%s:%d" % (HOST, self.status_port), "--debug", "1"] + list(args),
+            [sys.executable, str(ROOT / "tcpproxy.py"), "--listen-address", LOOP4,
+             "--status", "%s:%d" % (LOOP4, self.status_port), "--debug", "1"] + list(args),
             cwd=str(ROOT), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
             stderr=self.log)
 
@@ -353,7 +353,7 @@ class CLI:
         return self.log_path.read_text(errors="replace")
 
     def status(self):
-        url = "http://%s:%d/status?format=json" % (HOST, self.status_port)
+        url = "http://%s:%d/status?format=json" % (LOOP4, self.status_port)
         try:
             with urllib.request.urlopen(url, timeout=5) as response:
                 return json.load(response)
@@ -382,9 +382,9 @@ class CLI:
 def test_sighup_rereads_the_file(tmp_path):
     path = tmp_path / "mappings.yaml"
     port = free_port()
-    with EchoServer("A") as a, EchoServer("B") as b:
-        first = "mappings:\n  - '%d:%s'\n" % (port, a.address)
-        second = "mappings:\n  - '%d:%s'\n" % (port, b.address)
+    with EchoServer(tag="A") as a, EchoServer(tag="B") as b:
+        first = "mappings:\n  - '%d:%s'\n" % (port, a.hostport)
+        second = "mappings:\n  - '%d:%s'\n" % (port, b.hostport)
         assert len(first) == len(second)          # same size: stat cannot tell them apart
         write(path, first)
         cli = CLI(tmp_path, "--backend", "file", "--config", str(path))
@@ -402,7 +402,7 @@ def test_sighup_rereads_the_file(tmp_path):
             wait_until(lambda: greeting(port) == "B", timeout=10,
                        message=lambda: "SIGHUP did not re-read the file: %s" % cli.stderr())
             # an invalid edit keeps the mapping, and /status names the line
-            write(path, "mappings:\n  - '%d:%s'\n  oops\n" % (port, a.address))
+            write(path, "mappings:\n  - '%d:%s'\n  oops\n" % (port, a.hostport))
             cli.proc.send_signal(signal.SIGHUP)
             wait_until(lambda: "(line 3 column 3)" in cli.backend_error(), timeout=10,
                        message=lambda: "no error in /status: %s" % cli.stderr())

@@ -157,8 +157,8 @@ def test_debug_levels(start_proxy, echo, level, chatty):
     assert echo_once((LOOP4, lport)) == b"hello"
     assert echo.wait_idle(5)
     if chatty:
-        assert wait_until(lambda: p.stderr() != before, 5), (
-            "--debug %s logged nothing for a connection" % level)
+        wait_until(lambda: p.stderr() != before, 5,
+                   message=lambda: "--debug %s logged nothing for a connection" % level)
     else:
         # level 0: warnings and errors only; a good connection logs nothing
         assert echo_once((LOOP4, lport)) == b"hello"

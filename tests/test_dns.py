@@ -160,7 +160,8 @@ def test_serves_stale_on_failure(dns_server, mode):
     # the server comes back with a new answer: picked up after the back-off
     dns_server.set(NAME, ["127.0.0.3"], ttl=30)
     dns_server.mode = "ok"
-    assert wait_until(lambda: r.lookup(NAME) == ["127.0.0.3"], 20, interval=0.1), r.info(NAME)
+    wait_until(lambda: r.lookup(NAME) == ["127.0.0.3"], 20, interval=0.1,
+               message=lambda: r.info(NAME))
     assert r.info(NAME)["stale"] is False
 
 
@@ -266,7 +267,7 @@ def test_unresolvable_at_startup(start_proxy, dns_server, upstream_pair):
     t0 = time.monotonic()
     assert closed_promptly(p.addr, 5), "client not closed while the name does not resolve"
     assert time.monotonic() - t0 < 3
-    assert wait_until(lambda: NAME in p.stderr(), 5), "reason not logged:\n" + p.stderr()
+    wait_until(lambda: NAME in p.stderr(), 5, message=lambda: "reason not logged:\n" + p.stderr())
     assert p.alive()
     dns_server.set(NAME, ["127.0.0.2"], ttl=30)
     deadline = time.monotonic() + 20
@@ -295,7 +296,7 @@ def test_failover_to_next_address_on_timeout(start_proxy, dns_server, make_echo)
     for _ in range(20):
         hole = Blackhole(host="127.0.0.2")
         try:
-            b = make_echo(host="127.0.0.3", port=hole.port, banner=b"B")
+            make_echo(host="127.0.0.3", port=hole.port, banner=b"B")
         except OSError:
             hole.close()
             continue

@@ -20,11 +20,10 @@ from types import SimpleNamespace
 import pytest
 
 import tcpproxy
-from backendkit import MotoEndpoint
 from helpers import (
     LOOP4, TCPPROXY, BulkServer, ProxyProcess, accept, closed_by_peer, closed_promptly,
-    connect, echo_once, free_port, http, http_json, pattern, proc_fds, proc_rss_kib,
-    proc_threads, recv_exact, roundtrip, sha256, spec, wait_until,
+    connect, echo_once, free_port, http, mapping_stats, pattern, proc_fds,
+    proc_rss_kib, proc_threads, recv_exact, reset_close, roundtrip, sha256, spec, wait_until,
 )
 
 MB = 1 << 20
@@ -33,25 +32,12 @@ PAUSE = threading.Event()          # never set: Event.wait() is a bounded pause
 
 # -- helpers -------------------------------------------------------------------
 
-def mapping_stats(status_address, port):
-    data = http_json(status_address, "/status?format=json")
-    for entry in data["mappings"]:
-        if entry["listen"].rsplit(":", 1)[1] == str(port):
-            return entry
-    raise AssertionError("no mapping on port %d" % port)
-
-
 def cpu_seconds(pid, task=None):
     """utime + stime of a process (or one of its threads), in seconds."""
     path = "/proc/%d/stat" % pid if task is None else "/proc/%d/task/%s/stat" % (pid, task)
     with open(path) as f:
         fields = f.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def reset_close(sock):
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
-    sock.close()
 
 
 class Traffic:
@@ -122,10 +108,13 @@ class Traffic:
         return self.pings, self.fresh
 
     def wait_more(self, pings=10, timeout=10.0):
-        """Wait until ``pings`` more loops have run (or a failure)."""
+        """Wait until ``pings`` more loops have run (or a failure); True when
+        there was no failure."""
         target = self.pings + pings
-        return wait_until(lambda: self.pings >= target or self.failures
-                          or not self.thread.is_alive(), timeout) and not self.failures
+        wait_until(lambda: self.pings >= target or self.failures or not self.thread.is_alive(),
+                   timeout, message=lambda: "traffic stalled at %d pings (waiting for %d)"
+                   % (self.pings, target))
+        return not self.failures
 
 
 UPSTREAM_SCRIPT = r"""
@@ -321,7 +310,8 @@ def test_dns_outage_while_traffic_flows(dns_server, echo, mode):
             t0 = time.monotonic()
             queries = dns_server.queries(name)
             # the answer expires (ttl 1) and lookups fail: stale is served
-            assert wait_until(lambda: resolver.info(name)["stale"], 10), resolver.info(name)
+            wait_until(lambda: resolver.info(name)["stale"], 10,
+                       message=lambda: resolver.info(name))
             assert dns_server.wait_queries(queries + 2, name, timeout=10)
             before = traffic.counts()
             assert wait_until(lambda: time.monotonic() - t0 > 3 or traffic.failures, 5)
@@ -331,35 +321,16 @@ def test_dns_outage_while_traffic_flows(dns_server, echo, mode):
             info = proxy.status()["mappings"][0]
             assert info["stale"] and info["dns_error"] and info["addresses"] == ["127.0.0.1"]
             dns_server.mode = "ok"
-            assert wait_until(lambda: not resolver.info(name)["stale"], 15), resolver.info(name)
+            wait_until(lambda: not resolver.info(name)["stale"], 15,
+                       message=lambda: resolver.info(name))
             assert traffic.wait_more(5), traffic.failures
         assert traffic.failures == []
         assert proxy.status()["mappings"][0]["failed"] == 0
 
 
-@pytest.fixture
-def moto_env(monkeypatch, tmp_path):
-    pytest.importorskip("moto.server")
-    pytest.importorskip("boto3")
-    for var in ("AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_SESSION_TOKEN", "AWS_REGION",
-                "AWS_MAX_ATTEMPTS", "AWS_RETRY_MODE"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "aws-config"))
-    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "aws-credentials"))
-    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
-    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")          # fail fast while it is down
-    endpoint = MotoEndpoint()
-    endpoint.start()
-    monkeypatch.setenv("AWS_ENDPOINT_URL_DYNAMODB", endpoint.url)
-    yield endpoint
-    endpoint.stop()
-
-
-def test_dynamodb_outage_keeps_mappings_serving(moto_env, echo):
+def test_dynamodb_outage_keeps_mappings_serving(aws_env, monkeypatch, echo):
     from tcpproxy_backends import dynamodb
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")          # fail fast while it is down
     table, name = "faults-%s" % uuid.uuid4().hex[:8], "p-%s" % uuid.uuid4().hex[:8]
     assert dynamodb.cli(["create-table", "--table", table]) == 0
     lport = free_port()
@@ -377,7 +348,7 @@ def test_dynamodb_outage_keeps_mappings_serving(moto_env, echo):
         before = proxy.mappings
         with Traffic((LOOP4, lport)) as traffic:
             assert traffic.wait_more(5), traffic.failures
-            moto_env.stop()
+            aws_env.stop()
             polls = poller.polls
             # polls fail (and are retried with backoff); the mapping stays
             assert wait_until(lambda: poller.polls >= polls + 2, 15)
@@ -386,10 +357,10 @@ def test_dynamodb_outage_keeps_mappings_serving(moto_env, echo):
             assert "poll failed" in status["backend"]["last_error"]
             assert proxy.mappings == before
             assert traffic.wait_more(10), traffic.failures
-            moto_env.start()                          # same port, same data
+            aws_env.start()                          # same port, same data
             ok = poller.last_ok
-            assert wait_until(lambda: poller.last_ok != ok and proxy.status()["ok"], 15), (
-                proxy.status()["backend"])
+            wait_until(lambda: poller.last_ok != ok and proxy.status()["ok"], 15,
+                       message=lambda: proxy.status()["backend"])
             assert proxy.mappings == before
             assert traffic.wait_more(5), traffic.failures
         assert traffic.failures == []
@@ -584,9 +555,10 @@ def test_connect_storm_1000_at_once(start_proxy, echo):
     assert wait_until(lambda: mapping_stats(p.status_address, lport)["active"] == 0, 15)
     assert echo_once((LOOP4, lport), b"after") == b"after"
     # every descriptor is given back; pump threads retire after 5 s idle
-    assert wait_until(lambda: proc_fds(p.pid) <= base_fds + 2, 10), (proc_fds(p.pid), base_fds)
-    assert wait_until(lambda: proc_threads(p.pid) <= base_threads + 2, 20), (
-        proc_threads(p.pid), base_threads)
+    wait_until(lambda: proc_fds(p.pid) <= base_fds + 2, 10,
+               message=lambda: (proc_fds(p.pid), base_fds))
+    wait_until(lambda: proc_threads(p.pid) <= base_threads + 2, 20,
+               message=lambda: (proc_threads(p.pid), base_threads))
     assert p.alive() and "Traceback" not in p.stderr()
 
 
@@ -682,7 +654,7 @@ def recover(p):
         except OSError:
             return False
 
-    assert wait_until(works, 15), "no recovery after the clients left:\n" + p.stderr()
+    wait_until(works, 15, message=lambda: "no recovery after the clients left:\n" + p.stderr())
     assert http(p.status_address, "GET", "/status", timeout=5)[0] == 200
     for i in range(NOFILE // 4):            # and not just for one client
         assert echo_once((LOOP4, p.lport), b"r%d" % i) == b"r%d" % i
@@ -703,7 +675,7 @@ def test_descriptors_exhausted_survives_backs_off_and_recovers(starved_proxy):
         "process got %.2f s): it spins" % (proxy_cpu, wall, core))
     for c in served:                         # the ones that got in keep working
         assert roundtrip(c, b"still") == b"still"
-    assert wait_until(lambda: "Too many open files" in p.stderr(), 5), p.stderr()
+    wait_until(lambda: "Too many open files" in p.stderr(), 5, message=p.stderr)
     recover(p)
     assert "Traceback" not in p.stderr()
 

@@ -21,8 +21,8 @@ import pytest
 
 import tcpproxy
 from helpers import (
-    LOOP4, closed_by_peer, connect, echo_once, free_port, http, http_json, port_listening,
-    recv_all, roundtrip, spec, wait_until,
+    LOOP4, closed_by_peer, connect, echo_once, free_port, http, mapping_stats,
+    port_listening, recv_all, roundtrip, spec, wait_until,
 )
 
 OUTSIDER = "127.0.0.2"
@@ -80,15 +80,6 @@ def http_from(source, addr, path="/status", timeout=5.0):
         return resp.status, resp.read()
     finally:
         conn.close()
-
-
-def mapping_stats(status_address, port):
-    """The /status?format=json entry of the mapping listening on ``port``."""
-    data = http_json(status_address, "/status?format=json")
-    for entry in data["mappings"]:
-        if entry["listen"].rsplit(":", 1)[1] == str(port):
-            return entry
-    raise AssertionError("no mapping on port %d in %s" % (port, json.dumps(data)))
 
 
 def status_code(addr, timeout=2.0):
@@ -188,8 +179,8 @@ def test_allow_ipv4_refuses_outsiders_before_any_upstream_connection(start_proxy
     assert echo.wait_accepted(1)
     for _ in range(5):
         assert refused_from(OUTSIDER, addr), "a client from %s got through" % OUTSIDER
-    assert wait_until(lambda: mapping_stats(p.status_address, lport)["refused"] == 5, 5), (
-        mapping_stats(p.status_address, lport))
+    wait_until(lambda: mapping_stats(p.status_address, lport)["refused"] == 5, 5,
+               message=lambda: mapping_stats(p.status_address, lport))
     # refusals are counted before an upstream connection would be made: none was
     assert echo.accepted == 1
     assert echo_from(LOOP4, addr, b"still") == b"still"
@@ -239,7 +230,7 @@ def test_allow_ipv6(proxy_cli, make_echo, allow, allowed):
     else:
         assert refused_from("::1", addr)
         assert e6.accepted == 0
-        assert wait_until(lambda: "not in the allow list" in p.stderr(), 5), p.stderr()
+        wait_until(lambda: "not in the allow list" in p.stderr(), 5, message=p.stderr)
 
 
 def test_ipv4_mapped_client_matches_an_ipv4_network():
@@ -302,7 +293,7 @@ def test_status_allow(start_proxy, echo):
             http_from("127.0.0.3", st, path)
     # the proxy itself is not guarded by --status-allow
     assert echo_once((LOOP4, lport)) == b"hello"
-    assert wait_until(lambda: "not in --status-allow" in p.stderr(), 5), p.stderr()
+    wait_until(lambda: "not in --status-allow" in p.stderr(), 5, message=p.stderr)
     lines = [ln for ln in p.stderr().splitlines() if "not in --status-allow" in ln]
     assert len(lines) == 1, "not rate-limited:\n" + p.stderr()
 
@@ -335,7 +326,7 @@ def test_max_connections_global(start_proxy, make_echo):
         assert wait_until(lambda: mapping_stats(p.status_address, pa)["active"] == 1, 5)
         with connect((LOOP4, pb)) as c:
             assert roundtrip(c, b"new") == b"new"
-        assert wait_until(lambda: "connection limit reached" in p.stderr(), 5), p.stderr()
+        wait_until(lambda: "connection limit reached" in p.stderr(), 5, message=p.stderr)
     finally:
         for c in held:
             c.close()
@@ -387,7 +378,7 @@ def test_idle_timeout_closes_silent_but_not_busy_connections(start_proxy, echo):
         assert closed_by_peer(silent, 4), "silent connection not closed by --idle-timeout 1"
         waited = time.monotonic() - last
         assert 0.8 < waited < 3.5, waited
-        assert wait_until(lambda: echo.active == 1, 5), "upstream side of the idle one kept"
+        wait_until(lambda: echo.active == 1, 5, message="upstream side of the idle one kept")
         # the busy one outlives three idle periods
         assert wait_until(lambda: time.monotonic() - last > 3.5 or pinger.error, 6)
         assert pinger.error is None and not pinger.closed, pinger.error
@@ -517,8 +508,8 @@ def test_forty_slow_clients_do_not_stop_status(start_proxy, echo):
                           if i not in closed and closed_by_peer(s, 0.01))
             return len(closed)
 
-        assert wait_until(lambda: refused_count() >= 8, 3), (
-            "only %d of 40 slow clients were refused at once" % len(closed))
+        wait_until(lambda: refused_count() >= 8, 3,
+                   message=lambda: "only %d of 40 slow clients were refused at once" % len(closed))
         assert time.monotonic() - t0 < 4.0
         first_ok = None
         while time.monotonic() - t0 < 9:
@@ -548,7 +539,7 @@ def wait_draining(p, timeout=5.0):
     def draining():
         got = status_code(p.status_address, timeout=1)
         return got if got is not None and got[0] == 503 else None
-    return wait_until(draining, timeout)
+    return wait_until(draining, timeout, message=lambda: "no 503 while draining:\n" + p.stderr())
 
 
 def test_sigterm_drains_busy_connections_and_closes_idle_ones(start_proxy, echo):
@@ -566,7 +557,6 @@ def test_sigterm_drains_busy_connections_and_closes_idle_ones(start_proxy, echo)
         finish_at.append(t0 + 2.5)          # the busy client finishes 2.5 s into the drain
         p.send_signal(signal.SIGTERM)
         got = wait_draining(p)
-        assert got is not None, "no 503 while draining:\n" + p.stderr()
         assert b"draining" in got[1], got
         assert closed_by_peer(idle, 3), "idle connection kept during the drain"
         assert time.monotonic() - t0 < 3.0
@@ -598,7 +588,7 @@ def test_drain_timeout_closes_what_is_still_busy(start_proxy, echo):
     try:
         t0 = time.monotonic()
         p.send_signal(signal.SIGTERM)
-        assert wait_draining(p) is not None
+        wait_draining(p)
         pinger.thread.join(6)
         assert not pinger.thread.is_alive(), "busy connection not closed at --drain-timeout"
         closed = time.monotonic() - t0
@@ -620,7 +610,7 @@ def test_second_signal_closes_at_once(start_proxy, echo, second):
     pinger = Pinger(busy, every=0.02).start()
     try:
         p.send_signal(signal.SIGTERM)
-        assert wait_draining(p) is not None, p.stderr()
+        wait_draining(p)
         assert p.alive() and pinger.error is None
         t1 = time.monotonic()
         p.send_signal(second)
@@ -642,22 +632,22 @@ def test_sighup_rereads_the_file_without_dropping_connections(file_proxy, make_e
     p = file_proxy("mappings:\n  - %s\n" % spec(pa, LOOP4, ea.port), ports=[pa],
                    extra=["--debug", "1"])
     marker = "read %s" % p.config
-    assert wait_until(lambda: marker in p.stderr(), 5), p.stderr()
+    wait_until(lambda: marker in p.stderr(), 5, message=p.stderr)
     reads = p.stderr().count(marker)
     kept = connect((LOOP4, pa))
     try:
         assert roundtrip(kept, b"before") == b"before"
         # an unchanged file: SIGHUP re-reads it all the same, nothing moves
         p.send_signal(signal.SIGHUP)
-        assert wait_until(lambda: p.stderr().count(marker) > reads, 5), (
-            "SIGHUP did not re-read the file:\n" + p.stderr())
+        wait_until(lambda: p.stderr().count(marker) > reads, 5,
+                   message=lambda: "SIGHUP did not re-read the file:\n" + p.stderr())
         assert "SIGHUP" in p.stderr()
         assert roundtrip(kept, b"after hup") == b"after hup"
         # a changed file: the new mapping starts, the old connection stays
         write_config(p.config, "mappings:\n  - %s\n  - %s\n"
                      % (spec(pa, LOOP4, ea.port), spec(pb, LOOP4, eb.port)))
         p.send_signal(signal.SIGHUP)
-        assert wait_until(lambda: port_listening(pb), 5), p.stderr()
+        wait_until(lambda: port_listening(pb), 5, message=p.stderr)
         assert echo_once((LOOP4, pb), b"b") == b"b"
         assert roundtrip(kept, b"still") == b"still"
         assert ea.accepted == 1, "the unchanged mapping's connection was re-made"

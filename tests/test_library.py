@@ -110,7 +110,7 @@ def test_context_manager_leaves_nothing(make_echo):
     for c in clients:
         assert closed_by_peer(c, 2), "session left open after stop"
         c.close()
-    assert wait_until(lambda: threading.active_count() == threads, 5), threading.enumerate()
+    wait_until(lambda: threading.active_count() == threads, 5, message=threading.enumerate)
     with pytest.raises(OSError):
         connect((LOOP4, lport), timeout=2).close()
     assert echo.wait_idle(5)
@@ -135,7 +135,7 @@ def test_stop_with_timeout_returns_promptly(make_echo):
     finally:
         for c in clients:
             c.close()
-    assert wait_until(lambda: threading.active_count() == threads, 5), threading.enumerate()
+    wait_until(lambda: threading.active_count() == threads, 5, message=threading.enumerate)
 
 
 def test_connections_snapshot(make_echo):
@@ -196,7 +196,7 @@ def test_apply(make_echo):
         finally:
             for c in (c_keep, c_remove, c_change):
                 c.close()
-    assert wait_until(lambda: threading.active_count() == threads, 5), threading.enumerate()
+    wait_until(lambda: threading.active_count() == threads, 5, message=threading.enumerate)
 
 
 def test_apply_reports_failures_and_applies_the_rest(make_echo):
@@ -235,7 +235,7 @@ def test_start_with_busy_port_raises(make_echo):
             proxy.start()
         assert str(taken) in str(exc.value)
         proxy.stop()
-    assert wait_until(lambda: threading.active_count() == threads, 5), threading.enumerate()
+    wait_until(lambda: threading.active_count() == threads, 5, message=threading.enumerate)
 
 
 def test_status_server_of_library(make_echo):

@@ -12,6 +12,8 @@ import socket
 import subprocess
 import threading
 
+import pytest
+
 from helpers import LOOP4, REPO, EchoServer, ProxyProcess, echo_once, free_port, spec
 
 
@@ -39,9 +41,9 @@ def test_syntax_is_python39():
 def test_runs_on_python39_with_stdlib_only():
     interpreter = python39()
     if interpreter is None:
-        # Nothing more can run here; the syntax test above still holds.
-        assert ast.parse((REPO / "tcpproxy.py").read_text(), feature_version=(3, 9))
-        return
+        pytest.skip("no CPython 3.9 interpreter here (python3.9 on PATH, "
+                    "~/.pyenv/versions/3.9*, /usr/bin or /usr/local/bin): only the "
+                    "syntax is checked, by test_syntax_is_python39")
     with EchoServer() as echo:
         lport = free_port()
         p = ProxyProcess(["--listen-address", LOOP4, "--status", "off",

@@ -172,8 +172,8 @@ def test_mixed_load_soak(start_proxy):
         warm.start(idle=20)
         warm.stop.wait(5.0)
         assert warm.finish() == [] and warm.errors == [], warm.errors
-        assert wait_until(lambda: proc_threads(p.pid) <= idle_base["threads"],
-                          WORKER_IDLE + 10), "workers did not retire after the warm-up"
+        wait_until(lambda: proc_threads(p.pid) <= idle_base["threads"], WORKER_IDLE + 10,
+                   message="workers did not retire after the warm-up")
         base = settled(p.pid)
 
         load = Load(ports)
@@ -197,12 +197,12 @@ def test_mixed_load_soak(start_proxy):
         for e in echoes:
             assert e.wait_idle(15)
         # (idle pipes kept by the splice pool are a bounded cache, not a leak)
-        ok = wait_until(lambda: proc_threads(p.pid) <= idle_base["threads"]
-                        and proc_fds(p.pid) - pipe_fds(p.pid) <= base["fds"],
-                        WORKER_IDLE + 15)
+        wait_until(lambda: proc_threads(p.pid) <= idle_base["threads"]
+                   and proc_fds(p.pid) - pipe_fds(p.pid) <= base["fds"], WORKER_IDLE + 15,
+                   message=lambda: "threads/descriptors not back at baseline: baseline %s, "
+                   "after %s, during %s" % (base, sample(p.pid), samples))
         after = sample(p.pid)
         report = "baseline %s, after %s, during %s" % (base, after, samples)
-        assert ok, "threads/descriptors not back at baseline: " + report
         assert after["pipe_fds"] <= 2 * PIPE_POOL_MAX, "pipe pool unbounded: " + report
         assert after["rss_kib"] <= base["rss_kib"] + max(8 * 1024, base["rss_kib"] // 5), (
             "RSS not back near its baseline: " + report)

@@ -13,6 +13,69 @@ from helpers import (
 )
 
 
+# The JSON of /status?format=json and /connections, in one place; a field
+# the proxy gains is added here.  A schema is one of:
+#   a type, or a tuple of types: the value's type is one of them, exactly
+#     (True is a bool, not an int);
+#   [schema]: a list whose every item matches schema;
+#   {key: schema, ...}: an object with exactly these keys;
+#   {str: schema}: an object with any string keys, every value matching.
+NONE = type(None)
+SESSION = {                                # Session.to_dict(), one per connection
+    "id": int, "mapping": int, "target": str, "client": str, "upstream": (str, NONE),
+    "state": str, "started": str, "seconds": float, "bytes_up": int, "bytes_down": int,
+}
+MAPPING = {                                # Proxy.status()["mappings"][i]
+    "spec": str, "listen": str, "target": str, "listening": bool,
+    "addresses": [str], "expires_in": (float, NONE), "stale": bool, "dns_error": (str, NONE),
+    "allow": [str], "max_connections": int,
+    "active": int, "total": int, "bytes_up": int, "bytes_down": int, "refused": int,
+    "failed": int,
+}
+STATIC_BACKEND = {"name": str, "ok": bool}  # --connections: nothing is polled
+POLLED_BACKEND = {                         # BackendPoller's state
+    "name": str, "ok": bool, "polls": int, "interval": (int, float),
+    "last_poll_ok": (str, NONE), "last_error": (str, NONE), "next_poll": (str, NONE),
+    "error": (str, NONE),
+}
+FILE_BACKEND = dict(POLLED_BACKEND, config=str)
+
+
+def status_schema(backend):
+    return {                               # Proxy.status()
+        "ok": bool, "reason": str, "version": str, "name": (str, NONE), "uptime": float,
+        "state": str, "backend": backend, "active": int, "mappings": [MAPPING],
+        "failed_mappings": {str: str}, "resolver": [str],
+    }
+
+
+CONNECTIONS = {"name": (str, NONE), "connections": [str], "sessions": [SESSION]}
+CONNECTIONS_NONE = dict(CONNECTIONS, error=str)     # no mapping at all
+
+
+def check_schema(value, schema, where="$"):
+    """Assert that ``value`` (parsed JSON) matches ``schema`` (see above)."""
+    if isinstance(schema, list):
+        assert type(value) is list, "%s: %r is not a list" % (where, value)
+        for i, item in enumerate(value):
+            check_schema(item, schema[0], "%s[%d]" % (where, i))
+    elif isinstance(schema, dict):
+        assert type(value) is dict, "%s: %r is not an object" % (where, value)
+        if list(schema) == [str]:
+            for key, item in value.items():
+                check_schema(item, schema[str], "%s[%r]" % (where, key))
+            return
+        assert set(value) == set(schema), "%s: keys %s; unexpected %s, missing %s" % (
+            where, sorted(value), sorted(set(value) - set(schema)),
+            sorted(set(schema) - set(value)))
+        for key, item in schema.items():
+            check_schema(value[key], item, "%s.%s" % (where, key))
+    else:
+        types = schema if isinstance(schema, tuple) else (schema,)
+        assert type(value) in types, "%s: %r is a %s, not %s" % (
+            where, value, type(value).__name__, " or ".join(t.__name__ for t in types))
+
+
 @pytest.fixture
 def proxied(start_proxy, make_echo):
     e1, e2 = make_echo(), make_echo()
@@ -49,9 +112,8 @@ def test_status_json(proxied):
         data = http_json(proxied.status_address, "/status?format=json")
         return data if 1000 in list(json_values(data)) else None
 
-    data = wait_until(counted, 5)
-    assert data, "no byte count of 1000 in %s" % http_json(
-        proxied.status_address, "/status?format=json")
+    data = wait_until(counted, 5, message=lambda: "no byte count of 1000 in %s" % http_json(
+        proxied.status_address, "/status?format=json"))
     assert data["version"] == tcpproxy.__version__
     keys = {k for k, _ in walk(data)}
     assert any("uptime" in k for k in keys), keys
@@ -91,6 +153,37 @@ def test_connections_json(proxied):
         c2.close()
     assert wait_until(lambda: http_json(proxied.status_address, "/connections")["sessions"] == [],
                       5)
+
+
+def test_status_and_connections_schema(proxied):
+    l1, l2 = proxied.listen
+    with connect((LOOP4, l1)) as c:
+        assert roundtrip(c, b"schema") == b"schema"
+        status = http_json(proxied.status_address, "/status?format=json")
+        connections = http_json(proxied.status_address, "/connections")
+    check_schema(status, status_schema(STATIC_BACKEND))
+    check_schema(connections, CONNECTIONS)
+    # the lists were not empty: their items were checked too
+    assert sorted(m["listen"] for m in status["mappings"]) == sorted(
+        "%s:%d" % (LOOP4, port) for port in (l1, l2))
+    assert all(m["addresses"] == [LOOP4] for m in status["mappings"]), status["mappings"]
+    assert [s["mapping"] for s in connections["sessions"]] == [l1], connections
+
+
+def test_schema_of_a_polled_backend_without_mappings(proxy_cli, tmp_path):
+    config = tmp_path / "mappings.yaml"
+    config.write_text("mappings: []\n")
+    st = (LOOP4, free_port())
+    proxy_cli(["--listen-address", LOOP4, "--backend", "file", "--config", str(config),
+               "--status", "%s:%d" % st], status=st)
+
+    def polled():                          # 503 until the first poll succeeded
+        data = json.loads(http(st, "GET", "/status?format=json")[2])
+        return data if data["backend"].get("polls") else None
+
+    status = wait_until(polled, 10)
+    check_schema(status, status_schema(FILE_BACKEND))
+    check_schema(http_json(st, "/connections"), CONNECTIONS_NONE)
 
 
 @pytest.mark.parametrize("method", ["POST", "PUT", "DELETE", "PATCH"])
