@@ -493,7 +493,8 @@ class _Entry:
     """Cached answer for one name; guarded by its condition."""
 
     __slots__ = ("cond", "addresses", "expires", "retry_at", "backoff", "busy",
-                 "error", "stale", "updated", "source")
+                 "error", "stale", "updated", "source", "lookups_ok", "lookups_failed",
+                 "changes")
 
     def __init__(self):
         self.cond = threading.Condition(threading.Lock())
@@ -506,6 +507,7 @@ class _Entry:
         self.stale = False
         self.updated = None
         self.source = None
+        self.lookups_ok = self.lookups_failed = self.changes = 0
 
 
 class Resolver:
@@ -657,6 +659,7 @@ class Resolver:
             reason = self._describe(exc)
             with entry.cond:
                 entry.busy = False
+                entry.lookups_failed += 1
                 entry.backoff = min(max(entry.backoff * 2, DNS_BACKOFF_MIN), DNS_BACKOFF_MAX)
                 entry.retry_at = self.clock() + entry.backoff
                 first = entry.error is None or not entry.stale
@@ -677,6 +680,9 @@ class Resolver:
             raise ResolveError("cannot resolve %s: %s" % (host, reason)) from None
         with entry.cond:
             entry.busy = False
+            entry.lookups_ok += 1
+            if old and set(old) != set(addresses):
+                entry.changes += 1
             entry.addresses = tuple(addresses)
             entry.expires = started + ttl
             entry.retry_at = 0.0
@@ -720,13 +726,16 @@ class Resolver:
         """A snapshot of what is cached for *host*."""
         if _is_ip(host):
             return {"addresses": [host], "expires_in": None, "stale": False,
-                    "error": None, "source": "literal"}
+                    "error": None, "source": "literal", "lookups_ok": 0,
+                    "lookups_failed": 0, "changes": 0}
         entry = self._entry(host)
         with entry.cond:
             expires_in = entry.expires - self.clock() if entry.addresses else None
             return {"addresses": list(entry.addresses),
                     "expires_in": None if expires_in is None else round(max(expires_in, 0.0), 3),
-                    "stale": entry.stale, "error": entry.error, "source": entry.source}
+                    "stale": entry.stale, "error": entry.error, "source": entry.source,
+                    "lookups_ok": entry.lookups_ok, "lookups_failed": entry.lookups_failed,
+                    "changes": entry.changes}
 
     @staticmethod
     def _describe(exc):
@@ -1130,7 +1139,6 @@ def serve_client(proxy, listener, session, partner):
             upstream = connect_upstream(proxy, listener, session)
             if upstream is None:
                 listener.failing += 1
-                proxy.registry.count_failed(session.listen_port)
             else:
                 session.connected = time.monotonic()
                 if listener.failing:
@@ -1188,10 +1196,12 @@ def connect_upstream(proxy, listener, session):
         _ratelimited.log(logging.WARNING, ("resolve", listen_port),
                          "%d: closing client %s: %s", listen_port,
                          _format_hostport(*session.client[:2]), exc)
+        proxy.registry.count_failed(listen_port, "resolve")
         session.abort("cannot resolve %s" % host)
         return None
     start = next(listener.rotation) % len(addresses)
     errors = []
+    kind = "other"
     for address in addresses[start:] + addresses[:start]:
         if session.closed_reason is not None:
             return None
@@ -1218,9 +1228,10 @@ def connect_upstream(proxy, listener, session):
                 sock.close()
             if session.closed_reason is not None:
                 return None
+            kind = _FAILURE_KINDS.get(exc.errno, "other")
             if isinstance(exc, socket.timeout) or exc.errno in (errno.EINPROGRESS,
                                                                 errno.EAGAIN):
-                reason = "timed out after %gs" % proxy.connect_timeout
+                kind, reason = "timeout", "timed out after %gs" % proxy.connect_timeout
             else:
                 reason = exc.strerror or str(exc)
             errors.append("%s: %s" % (_format_hostport(address, port), reason))
@@ -1236,8 +1247,14 @@ def connect_upstream(proxy, listener, session):
                      "%d: closing client %s: no upstream for %d:%s accepted (%s)",
                      listen_port, _format_hostport(*session.client[:2]), listen_port,
                      _format_hostport(host, port), "; ".join(errors) or "no address")
+    proxy.registry.count_failed(listen_port, kind)
     session.abort("upstream unreachable", reset=True)
     return None
+
+
+# Why the last connect attempt failed, for /metrics.
+_FAILURE_KINDS = {errno.ECONNREFUSED: "refused", errno.ETIMEDOUT: "timeout",
+                  errno.EHOSTUNREACH: "unreachable", errno.ENETUNREACH: "unreachable"}
 
 
 def finish_session(proxy, session):
@@ -1804,6 +1821,8 @@ class StatusHandler(http.server.BaseHTTPRequestHandler):
             else:
                 self._send(code, "OK" if status["ok"] else status["reason"] + "\n",
                            "text/plain; charset=utf-8", body)
+        elif url.path == "/metrics":
+            self._send(200, metrics_text(proxy), "text/plain; version=0.0.4; charset=utf-8", body)
         elif url.path == "/connections":
             try:
                 limit = check_limit(query.get("limit", [None])[0], "limit") or None
@@ -1860,7 +1879,7 @@ class StatusServer(http.server.ThreadingHTTPServer):
     reserve_per_client = 2
     reserve_timeout = 1.0
     spare_descriptors = 2
-    public_paths = ("/status",)
+    public_paths = ("/status", "/metrics")
 
     def __init__(self, address, proxy, allow=()):
         self.proxy = proxy
@@ -2002,6 +2021,166 @@ def _connections_json(proxy, limit=None, chunk=200):
         time.sleep(0)                  # let waiting pumps have the GIL
     text = json.dumps(head, sort_keys=True)
     return '%s, "sessions": [%s]}\n' % (text[:-1], ", ".join(p for p in parts if p))
+
+
+class _Exposition:
+    """Prometheus text exposition format 0.0.4, built family by family."""
+
+    def __init__(self):
+        self.lines = []
+
+    @staticmethod
+    def _labels(labels):
+        if not labels:
+            return ""
+        return "{%s}" % ",".join('%s="%s"' % (key, str(value).replace("\\", "\\\\")
+                                              .replace("\n", "\\n").replace('"', '\\"'))
+                                 for key, value in labels)
+
+    def family(self, name, kind, help_text, samples):
+        """*samples*: [(labels as ((key, value), ...), value), ...]; the
+        family is written only when it has samples."""
+        if not samples:
+            return
+        self.lines.append("# HELP %s %s" % (name, help_text))
+        self.lines.append("# TYPE %s %s" % (name, kind))
+        for labels, value in samples:
+            if isinstance(value, float) and value != int(value):
+                text = repr(value)
+            else:
+                text = str(int(value))
+            self.lines.append("%s%s %s" % (name, self._labels(labels), text))
+
+    def histogram(self, name, help_text, series):
+        """*series*: [(labels, bucket counts (the last: +Inf), sum), ...]."""
+        if not series:
+            return
+        self.lines.append("# HELP %s %s" % (name, help_text))
+        self.lines.append("# TYPE %s histogram" % name)
+        for labels, counts, total in series:
+            running = 0
+            for bound, count in zip(CONNECT_BUCKETS + (None,), counts):
+                running += count
+                le = "+Inf" if bound is None else repr(bound)
+                self.lines.append("%s_bucket%s %d" % (name, self._labels(labels + (("le", le),)),
+                                                      running))
+            self.lines.append("%s_sum%s %r" % (name, self._labels(labels), float(total)))
+            self.lines.append("%s_count%s %d" % (name, self._labels(labels), running))
+
+    def text(self):
+        return "\n".join(self.lines) + "\n"
+
+
+REFUSAL_REASONS = ("allow", "limit", "draining")
+FAILURE_REASONS = ("resolve", "refused", "timeout", "unreachable", "other")
+
+
+def metrics_text(proxy):
+    """GET /metrics: what Prometheus scrapes (standard library only)."""
+    stats = proxy.registry.stats(details=True)
+    servers = proxy.servers
+    backend = proxy.backend_state()
+    out = _Exposition()
+    ports = sorted(set(stats) | set(servers))
+
+    def per_port(key):
+        return [((("mapping", port),), stats.get(port, {}).get(key, 0)) for port in ports]
+
+    out.family("tcpproxy_build_info", "gauge", "tcpproxy's version.",
+               [((("version", __version__),), 1)])
+    out.family("tcpproxy_draining", "gauge", "1 while the proxy drains or stops.",
+               [((), int(proxy.state != "running"))])
+    out.family("tcpproxy_connections_active", "gauge", "Client sessions open now.",
+               per_port("active"))
+    out.family("tcpproxy_connections_total", "counter", "Client sessions accepted.",
+               per_port("total"))
+    out.family("tcpproxy_connections_refused_total", "counter",
+               "Clients refused, by reason (allow list, connection limit, draining).",
+               [((("mapping", port), ("reason", reason)),
+                 stats.get(port, {}).get("refused_by", {}).get(reason, 0))
+                for port in ports for reason in REFUSAL_REASONS])
+    out.family("tcpproxy_upstream_connect_failures_total", "counter",
+               "Clients closed for want of an upstream, by reason.",
+               [((("mapping", port), ("reason", reason)),
+                 stats.get(port, {}).get("failed_by", {}).get(reason, 0))
+                for port in ports for reason in FAILURE_REASONS])
+    out.family("tcpproxy_bytes_total", "counter",
+               "Bytes forwarded: up is client to upstream, down upstream to client.",
+               [((("mapping", port), ("direction", direction)),
+                 stats.get(port, {}).get("bytes_" + direction, 0))
+                for port in ports for direction in ("up", "down")])
+    empty = [0] * (len(CONNECT_BUCKETS) + 1)
+    out.histogram("tcpproxy_connect_seconds",
+                  "Seconds from accepting a client to its upstream connected.",
+                  [((("mapping", port),), stats.get(port, {}).get("connect_counts", empty),
+                    stats.get(port, {}).get("connect_sum", 0.0)) for port in ports])
+    dns = []
+    for port, server in sorted(servers.items()):
+        host = server.mapping.host
+        if not _is_ip(host):
+            dns.append((port, host, proxy.resolver.info(host)))
+    out.family("tcpproxy_dns_answer_expires_seconds", "gauge",
+               "Seconds until the cached DNS answer expires.",
+               [((("mapping", port), ("host", host)), info["expires_in"])
+                for port, host, info in dns if info["expires_in"] is not None])
+    out.family("tcpproxy_dns_stale", "gauge",
+               "1 while the last good DNS answer is served because lookups fail.",
+               [((("mapping", port), ("host", host)), int(info["stale"]))
+                for port, host, info in dns])
+    out.family("tcpproxy_dns_answer_changes_total", "counter",
+               "Times the DNS answer changed.",
+               [((("mapping", port), ("host", host)), info["changes"])
+                for port, host, info in dns])
+    out.family("tcpproxy_dns_lookups_total", "counter", "DNS lookups, by result.",
+               [((("mapping", port), ("host", host), ("result", result)),
+                 info["lookups_" + result]) for port, host, info in dns
+                for result in ("ok", "failed")])
+    out.family("tcpproxy_mapping_failing", "gauge",
+               "Connection attempts failed since the last success.",
+               [((("mapping", port),), server.failing) for port, server in sorted(servers.items())])
+    if "polls" in backend:
+        out.family("tcpproxy_backend_last_success_timestamp_seconds", "gauge",
+                   "When the backend was last read successfully (Unix time).",
+                   [((("backend", backend["name"]),), backend.get("last_success") or 0)])
+        out.family("tcpproxy_backend_errors_total", "counter",
+                   "Backend polls that failed or were rejected.",
+                   [((("backend", backend["name"]),), backend.get("errors", 0))])
+    out.family("tcpproxy_config_rejected", "gauge",
+               "1 while the backend's configuration is rejected (the last good one stays).",
+               [((("backend", backend.get("name", "static")),), int(bool(backend.get("rejected"))))])
+    _process_metrics(out)
+    return out.text()
+
+
+def _process_metrics(out):
+    """The process_* metrics a Python exporter gives, from /proc."""
+    try:
+        with open("/proc/self/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+        ticks = os.sysconf("SC_CLK_TCK")
+        with open("/proc/stat", "rb") as f:
+            boot = next(int(line.split()[1]) for line in f if line.startswith(b"btime"))
+        with open("/proc/self/statm", "rb") as f:
+            rss = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, StopIteration, IndexError):
+        return
+    out.family("process_cpu_seconds_total", "counter", "CPU time used (user and system).",
+               [((), (int(fields[11]) + int(fields[12])) / ticks)])
+    out.family("process_resident_memory_bytes", "gauge", "Resident memory.", [((), rss)])
+    out.family("process_start_time_seconds", "gauge", "Start time (Unix time).",
+               [((), boot + int(fields[19]) / ticks)])
+    out.family("process_threads", "gauge", "Threads.", [((), int(fields[17]))])
+    try:
+        out.family("process_open_fds", "gauge", "Open file descriptors.",
+                   [((), len(os.listdir("/proc/self/fd")))])
+    except OSError:
+        pass
+    try:
+        import resource
+        out.family("process_max_fds", "gauge", "The descriptor limit.",
+                   [((), resource.getrlimit(resource.RLIMIT_NOFILE)[0])])
+    except (ImportError, OSError):
+        pass
 
 
 def status_report(proxy):
@@ -2410,6 +2589,7 @@ class BackendPoller:
         self._poke = threading.Event()
         self._thread = None
         self.polls = 0
+        self.errors = 0
         self.last_ok = None
         self.last_error = None
         self.rejected = None
@@ -2503,6 +2683,7 @@ class BackendPoller:
             if _once.clear(key):
                 log.info("backend %s: poll OK again", self.backend.name)
         else:
+            self.errors += 1
             self.last_error = error = truncate(error)
             if rejected:
                 self.rejected = error
@@ -2518,7 +2699,8 @@ class BackendPoller:
 
     def _publish(self, **extra):
         info = {"name": self.backend.name, "ok": self.last_ok is not None,
-                "polls": self.polls, "interval": self.interval,
+                "polls": self.polls, "errors": self.errors, "interval": self.interval,
+                "last_success": self.last_ok,
                 "last_poll_ok": self.last_ok and _iso(self.last_ok),
                 "last_error": self.last_error, "next_poll": self._next_poll}
         info.update(extra)

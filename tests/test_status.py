@@ -30,20 +30,21 @@ MAPPING = {                                # Proxy.status()["mappings"][i]
     "addresses": [str], "expires_in": (float, NONE), "stale": bool, "dns_error": (str, NONE),
     "allow": [str], "max_connections": int,
     "active": int, "total": int, "bytes_up": int, "bytes_down": int, "refused": int,
-    "failed": int,
+    "failed": int, "failing": int,
 }
 STATIC_BACKEND = {"name": str, "ok": bool}  # --connections: nothing is polled
 POLLED_BACKEND = {                         # BackendPoller's state
     "name": str, "ok": bool, "polls": int, "interval": (int, float),
     "last_poll_ok": (str, NONE), "last_error": (str, NONE), "next_poll": (str, NONE),
-    "error": (str, NONE),
+    "error": (str, NONE), "rejected": (str, NONE), "last_poll_failed": bool,
 }
 FILE_BACKEND = dict(POLLED_BACKEND, config=str)
 
 
 def status_schema(backend):
     return {                               # Proxy.status()
-        "ok": bool, "reason": str, "version": str, "name": (str, NONE), "uptime": float,
+        "ok": bool, "reason": str, "warnings": [str], "version": str, "name": (str, NONE),
+        "uptime": float,
         "state": str, "backend": backend, "active": int, "mappings": [MAPPING],
         "failed_mappings": {str: str}, "resolver": [str],
     }
