@@ -339,6 +339,68 @@ def test_changed_target_switches_without_refusing(running, table, proxy_name, ca
             old.close()
 
 
+def test_conflicting_or_invalid_items_keep_the_mapping_in_force(running, table, proxy_name):
+    port, other = free_ports(2)
+    with EchoServer(tag="A") as a, EchoServer(tag="B") as b:
+        spec_a = "%d:%s:%d" % (port, LOOP4, a.port)
+        put(table, proxy_name, spec_a)
+        put(table, proxy_name, "%d:%s:%d" % (other, LOOP4, a.port))
+        wait_until(lambda: greeting(port) == "A" and greeting(other) == "A")
+        conn, _ = talk(port)
+        try:
+            # a second item on the port (put straight into the table, no --replace)
+            put(table, proxy_name, "%d:%s:%d" % (port, LOOP4, b.port))
+            # and an invalid item on the other port
+            put(table, proxy_name, "%d:%s:%d" % (other, LOOP4, b.port),
+                allow={"L": [{"S": "not-a-network"}]})
+            running.wait_polls(3)
+            assert greeting(port) == "A" and greeting(other) == "A"    # no silent winner
+            assert echoes(conn)                                        # nothing closed
+            status = running.proxy.status()
+            assert status["ok"]
+            warnings = " ".join(status["warnings"])
+            assert "config rejected" in warnings
+            assert "listen port %d has 2 items" % port in warnings
+            assert "not-a-network" in warnings
+            # resolved: B wins on port, the invalid item goes
+            delete(table, proxy_name, spec_a)
+            delete(table, proxy_name, "%d:%s:%d" % (other, LOOP4, b.port))
+            wait_until(lambda: greeting(port) == "B", timeout=10)
+            wait_until(lambda: not running.proxy.status()["warnings"], timeout=10)
+        finally:
+            conn.close()
+
+
+def test_put_refuses_a_second_target_without_replace(table, proxy_name, caplog):
+    assert run_cli("put", "--proxy", proxy_name, "--table", table, "8002:blue:5432") == 0
+    with caplog.at_level(logging.ERROR):
+        assert run_cli("put", "--proxy", proxy_name, "--table", table, "8002:green:5432") == 1
+    assert "8002:blue:5432" in caplog.text and "--replace" in caplog.text
+    items = client().query(TableName=table, KeyConditionExpression="proxy_name = :p",
+                           ExpressionAttributeValues={":p": {"S": proxy_name}})["Items"]
+    assert [i["proxy_configuration"]["S"] for i in items] == ["8002:blue:5432"]
+    # the same item again (new options) is fine, and --replace switches
+    assert run_cli("put", "--proxy", proxy_name, "--table", table, "--max-connections", "5",
+                   "8002:blue:5432") == 0
+    assert run_cli("put", "--proxy", proxy_name, "--table", table, "--replace",
+                   "8002:green:5432") == 0
+
+
+def test_no_botocore_chatter_at_debug_1(table, proxy_name, aws_env):
+    from helpers import ProxyProcess
+    put(table, proxy_name, "%d:127.0.0.1:9" % free_port())
+    proxy = ProxyProcess(["--backend", "dynamodb", "--proxy", proxy_name, "--dynamodb", table,
+                          "--listen-address", LOOP4, "--status", "off", "--debug", "1",
+                          "--poll-interval", "0.5"])
+    try:
+        wait_until(lambda: "applying" in proxy.stderr(), 20, message=proxy.output)
+        assert proxy.stop() == 0
+        log = proxy.stderr()
+    finally:
+        proxy.close()
+    assert "Found credentials" not in log and "botocore" not in log, log
+
+
 def test_endpoint_down_keeps_serving_and_recovers(running, table, proxy_name, aws_env):
     port, later = free_ports(2)
     with EchoServer(tag="A") as a:
