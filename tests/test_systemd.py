@@ -65,3 +65,68 @@ def test_environment_file_parses_with_the_flags():
     args = shlex.split(values["TCPPROXY_ARGS"])[0].split()
     parsed = tcpproxy.build_parser().parse_args(args)
     assert parsed.connections and parsed.status == "127.0.0.1:8001"
+
+
+class NotifySocket:
+    """A unix datagram socket standing in for systemd's NOTIFY_SOCKET
+    (abstract namespace when *abstract*)."""
+
+    def __init__(self, tmp_path, abstract=False):
+        import socket
+        import uuid
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        if abstract:
+            name = "tcpproxy-test-%s" % uuid.uuid4().hex
+            self.sock.bind("\0" + name)
+            self.address = "@" + name
+        else:
+            path = str(tmp_path / "notify")
+            self.sock.bind(path)
+            self.address = path
+        self.sock.settimeout(15)
+        self.messages = []
+
+    def next(self):
+        """The next datagram's lines."""
+        message = self.sock.recv(4096).decode().split("\n")
+        self.messages.append(message)
+        return message
+
+    def wait_for(self, line):
+        while True:
+            message = self.next()
+            if line in message:
+                return message
+
+    def close(self):
+        self.sock.close()
+
+
+@pytest.mark.parametrize("abstract", [False, True])
+def test_sd_notify_ready_reloading_stopping_and_watchdog(tmp_path, echo, abstract):
+    import signal
+    from helpers import LOOP4, ProxyProcess, free_port, spec
+    notify = NotifySocket(tmp_path, abstract)
+    lport = free_port()
+    proxy = ProxyProcess(["--listen-address", LOOP4, "--status", "off",
+                          "--connections", spec(lport, LOOP4, echo.port)],
+                         env={"NOTIFY_SOCKET": notify.address, "WATCHDOG_USEC": "400000"})
+    try:
+        ready = notify.wait_for("READY=1")
+        assert any(line.startswith("STATUS=1 mapping(s)") for line in ready), ready
+        notify.wait_for("WATCHDOG=1")                   # every 0.2 s (half of 0.4 s)
+        notify.wait_for("WATCHDOG=1")
+        proxy.send_signal(signal.SIGHUP)
+        reloading = notify.wait_for("RELOADING=1")
+        assert any(line.startswith("MONOTONIC_USEC=") for line in reloading)
+        notify.wait_for("READY=1")
+        proxy.send_signal(signal.SIGTERM)
+        stopping = notify.wait_for("STOPPING=1")
+        assert any(line.startswith("STATUS=draining") for line in stopping)
+        assert proxy.wait(10) == 0
+        order = [line for message in notify.messages for line in message
+                 if line in ("READY=1", "RELOADING=1", "STOPPING=1")]
+        assert order == ["READY=1", "RELOADING=1", "READY=1", "STOPPING=1"], notify.messages
+    finally:
+        proxy.close()
+        notify.close()
