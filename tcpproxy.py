@@ -24,7 +24,8 @@ logging, signal handlers and resource limits.
 
 Map of this file, in the order a connection's data flows through it:
 
-    Constants and errors   tunables, the errno sets, the ProxyError tree
+    Constants and errors   tunables, the errno sets, the ProxyError tree,
+                           rate-limited and once-per-change logging
     Validation             one function per kind of value: check_port,
                            parse_hostport, parse_allow, check_limit,
                            check_unique_ports (CLI, backends and Mapping alike)
@@ -32,17 +33,18 @@ Map of this file, in the order a connection's data flows through it:
     Resolver               TTL-obeying DNS cache that serves stale answers
     Registry and Session   the one owner of live sessions and their counters;
                            DnsChangeWatcher (--close-on-dns-change)
-    Connection             serve_client(): connect upstream (connect_upstream,
-                           the address fail-over loop), start the pumps,
-                           close; pump() moves one direction's bytes
     Threads                _WorkerPool: parked, reusable pump threads
-    Servers                ProxyServer (a mapping's listener: allow list,
-                           limits, hand-off to serve_client), StatusServer
-                           with /status and /connections and their JSON
+    Connection             one client's life in order: ProxyServer (the
+                           mapping's listener: allow list, limits, hand-off),
+                           serve_client() (connect_upstream: the address
+                           fail-over loop; start the pumps; close), pump()
+    Linux fast paths       copy buffers, libc recv/send, splice pipes, CPU
+                           pinning
+    Status server          StatusServer: /status, /connections, /metrics and
+                           what they report
     Proxy                  lifecycle (start, stop, drain) and apply()
     Backends               StaticBackend, load_backend, BackendPoller
-    Linux fast paths       libc recv/send, splice pipes, buffers, CPU pinning
-    CLI                    flags, signals, main()
+    CLI                    flags, signals, check, health, sd_notify, main()
 """
 
 __version__ = "1.0.0"
@@ -1105,12 +1107,166 @@ class DnsChangeWatcher:
             self._stop.wait(max(wait, 0.5))
 
 
+# Threads #####################################################################
+
+class _Worker(threading.Thread):
+    """A pool thread.  run() is overridden rather than given a target:
+    Thread.run() calls its target with *args, which nests the C interpreter
+    loop once more, and a thread keeps every stack page it ever touched."""
+
+    def __init__(self, pool, name):
+        super().__init__(name=name)
+        self.pool = pool
+
+    def run(self):
+        self.pool._run()
+
+
+class _WorkerPool:
+    """Reusable threads: a task given to submit() starts at once, on an
+    idle worker or on a new thread.  reserve() takes a parked worker out
+    of the pool for a task to come: run_on() starts it, give_back() parks
+    it again.  reap(), called by every listener's serve_forever() loop,
+    retires workers idle for *idle_timeout* seconds (or beyond *keep* idle
+    ones) a few at a time: thousands of threads ending at once make
+    CPython's GIL thrash for seconds.  close() wakes idle and reserved
+    workers and joins them all.
+
+    Creating two threads per connection costs more than the connection
+    itself under churn; parked workers cost a little memory instead.
+    """
+
+    def __init__(self, name="tcpproxy-worker", idle_timeout=5.0, keep=512, reap_batch=64):
+        self.name = name
+        self.idle_timeout = idle_timeout
+        self.keep = keep
+        self.reap_batch = reap_batch
+        self.lock = threading.Lock()
+        self._idle = collections.deque()  # parked workers, oldest on the left
+        self._reserved = set()
+        self._all = set()
+        self._ids = itertools.count(1)
+        self._closed = False
+
+    def submit(self, func, *args):
+        """Run func(*args) on a worker; RuntimeError if no thread can start."""
+        self.run_on(self.reserve(), func, *args)
+
+    def reserve(self):
+        """A parked worker set aside for run_on() or give_back(); RuntimeError
+        if no thread can start.  Starting a thread touches one more page
+        (4 KiB) of the starting thread's stack for good, so listeners
+        reserve the worker of each connection's second pump, rather than
+        leaving the first pump's thread to start it."""
+        with self.lock:
+            if self._closed:
+                raise RuntimeError("worker pool is closed")
+            worker = self._idle.pop() if self._idle else None
+            if worker is None:
+                worker = _Worker(self, name="%s-%d" % (self.name, next(self._ids)))
+                worker.task = None
+                worker.wake = threading.Lock()   # held while parked; release() wakes
+                worker.wake.acquire()
+                self._all.add(worker)
+            self._reserved.add(worker)
+        if not worker.is_alive():
+            try:
+                worker.start()
+            except RuntimeError:
+                with self.lock:
+                    self._all.discard(worker)
+                    self._reserved.discard(worker)
+                raise
+        return worker
+
+    def run_on(self, worker, func, *args):
+        """Start func(*args) on a reserved worker; RuntimeError once closed."""
+        with self.lock:
+            if worker not in self._reserved:
+                raise RuntimeError("worker pool is closed")
+            self._reserved.discard(worker)
+        worker.task = (func, args)
+        worker.wake.release()
+
+    def give_back(self, worker):
+        """Park a reserved worker that was not used (no-op for any other)."""
+        with self.lock:
+            if worker not in self._reserved:
+                return
+            self._reserved.discard(worker)
+            if not self._closed:
+                worker.parked = time.monotonic()
+                self._idle.append(worker)
+                return
+        worker.wake.release()            # closed: its task is None, it ends
+
+    def _run(self):
+        me = threading.current_thread()
+        base = me.name
+        try:
+            while True:
+                me.wake.acquire()            # parked until run_on(), reap() or close()
+                task, me.task = me.task, None
+                if task is None:
+                    return
+                func, args = task
+                try:
+                    func(*args) if args else func()   # func(): no nested C loop
+                except Exception:  # noqa: BLE001 - a worker must survive its task
+                    log.exception("unexpected error in %s", me.name)
+                me.name = base
+                with self.lock:
+                    if self._closed:
+                        return
+                    me.parked = time.monotonic()
+                    self._idle.append(me)
+        finally:
+            with self.lock:
+                self._all.discard(me)
+
+    def reap(self):
+        """Retire a few workers idle for too long (or beyond *keep*)."""
+        limit = time.monotonic() - self.idle_timeout
+        with self.lock:
+            for _ in range(self.reap_batch):
+                if not self._idle or (self._idle[0].parked > limit
+                                      and len(self._idle) <= self.keep):
+                    break
+                worker = self._idle.popleft()
+                worker.task = None
+                worker.wake.release()
+
+    def idle(self):
+        with self.lock:
+            return len(self._idle)
+
+    def threads(self):
+        with self.lock:
+            return list(self._all)
+
+    def close(self, deadline):
+        """Stop parked and reserved workers and join every worker until *deadline*."""
+        with self.lock:
+            self._closed = True
+            parked = list(self._idle) + list(self._reserved)
+            self._idle, self._reserved = collections.deque(), set()
+        for worker in parked:
+            worker.task = None
+            worker.wake.release()
+        for worker in self.threads():
+            if worker is not threading.current_thread():
+                worker.join(max(0.0, deadline - time.monotonic()))
+        with self.lock:
+            self._all = {t for t in self._all if t.is_alive()}
+            return list(self._all)
+
+
 # Connection ##################################################################
 #
-# One client's life, top to bottom.  The mapping's listener (ProxyServer,
-# under "Servers") accepts it, checks the allow list (verify_request),
-# registers its Session and hands it to serve_client() on a pooled worker
-# thread, with a second worker reserved for the other direction.
+# One client's life, top to bottom.  The mapping's listener (ProxyServer)
+# accepts it, checks the allow list (verify_request), registers its
+# Session and hands it to serve_client() on a pooled worker thread, with a
+# second worker reserved for the other direction.
 # serve_client() connects upstream (connect_upstream: the address
 # fail-over loop), starts the upstream -> client pump on the reserved
 # worker and pumps client -> upstream itself.  EOF on one side becomes
@@ -1124,6 +1280,169 @@ class DnsChangeWatcher:
 # are moving, so memory per idle connection is the two sockets and the two
 # parked threads.
 
+class ProxyServer(socketserver.ThreadingTCPServer):
+    """Listen for one mapping: admit each client (allow lists, limits),
+    register its Session and hand it to serve_client() on the Proxy's
+    worker pool.
+
+    Methods for the caller: serve_forever(), stop_accepting(),
+    server_close(), set_mapping(mapping), port.  Overridden hooks:
+    server_bind(), get_request(), verify_request(), process_request(),
+    shutdown_request(), service_actions(), handle_error().
+    """
+
+    allow_reuse_address = True
+    request_queue_size = LISTEN_BACKLOG
+    daemon_threads = False
+    block_on_close = False            # the Registry says when sessions end
+
+    def __init__(self, mapping, proxy, listen_host="0.0.0.0"):
+        self.mapping = mapping
+        self.proxy = proxy
+        self.rotation = itertools.count()  # where connect_upstream() starts
+        self.failing = 0                   # connects failed since the last success
+        self.address_family = socket.AF_INET6 if ":" in listen_host else socket.AF_INET
+        self._stopping = threading.Event()
+        super().__init__((listen_host, mapping.listen_port), None)
+
+    @property
+    def port(self):
+        return self.server_address[1]
+
+    def set_mapping(self, mapping):
+        self.mapping = mapping
+
+    def server_bind(self):
+        if self.address_family == socket.AF_INET6:
+            self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        _tune(self.socket)                # accepted sockets inherit both options
+        super().server_bind()
+
+    def get_request(self):
+        try:
+            return self.socket.accept()
+        except OSError as exc:
+            if exc.errno in EXHAUSTION_ERRS:
+                _ratelimited.log(logging.ERROR, ("accept", self.port), "%d: cannot accept "
+                                 "(%s): shedding a client and backing off", self.port,
+                                 exc.strerror)
+                self.proxy.spare.shed(self.socket)
+                self._stopping.wait(ACCEPT_BACKOFF)
+            raise
+
+    def verify_request(self, request, client_address):
+        """The allow lists (--allow and the mapping's own)."""
+        proxy, mapping = self.proxy, self.mapping
+        if not (proxy.allow or mapping.allow) or (
+                _allowed(client_address[0], proxy.allow)
+                and _allowed(client_address[0], mapping.allow)):
+            return True
+        proxy.registry.count_refused(self.port)
+        _ratelimited.log(logging.WARNING, ("acl", self.port),
+                         "%d: refused client %s: not in the allow list",
+                         self.port, client_address[0])
+        return False
+
+    def process_request(self, request, client_address):
+        """Register the client (or refuse it at a connection limit) and
+        start serve_client() on a worker, reserving a second worker for
+        its other pump (see _WorkerPool.reserve)."""
+        proxy, mapping = self.proxy, self.mapping   # a snapshot: apply() may swap it
+        session = proxy.registry.open(self.port, mapping.target, client_address, request,
+                                      mapping.max_connections, proxy.max_connections)
+        if session is None:
+            _ratelimited.log(logging.WARNING, ("limit", self.port),
+                             "%d: refused client %s: connection limit reached",
+                             self.port, _format_hostport(*client_address[:2]))
+            _reset_close(request)
+            return
+        workers = proxy.workers
+        partner = None
+        try:
+            partner = workers.reserve()
+            # A closure, not submit(func, *args): a call with *args nests
+            # the C interpreter loop once more (see _Worker).
+            workers.submit(lambda: serve_client(proxy, self, session, partner))
+        except RuntimeError as exc:     # can't start new thread
+            if partner is not None:
+                workers.give_back(partner)
+            _ratelimited.log(logging.ERROR, ("thread", self.port),
+                             "%d: cannot start a thread (%s): closing client %s", self.port,
+                             exc, _format_hostport(*client_address[:2]))
+            session.abort("no thread", reset=True)
+            finish_session(proxy, session)
+            self._stopping.wait(ACCEPT_BACKOFF)
+
+    def shutdown_request(self, request):
+        # socketserver's path for a client that verify_request() refused.
+        _reset_close(request)
+
+    def service_actions(self):
+        # Called by serve_forever() every SERVE_POLL_INTERVAL.
+        self.proxy.workers.reap()
+
+    def handle_error(self, request, client_address):
+        log.exception("%d: error handling %s", self.port, client_address)
+
+    def stop_accepting(self):
+        """End serve_forever() and close the listening socket."""
+        self._stopping.set()
+        self.shutdown()
+        self.socket.close()
+
+
+class _SpareDescriptor:
+    """One descriptor held in reserve for when the process runs out: a
+    listener whose accept() fails with EMFILE gives it up to accept one
+    client and reset it (shed), so that the queue moves and the listener
+    does not spin; then takes it back."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self._fd = None
+
+    def take(self):
+        with self.lock:
+            if self._fd is None:
+                try:
+                    self._fd = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+                except OSError:
+                    self._fd = None
+
+    def release(self):
+        with self.lock:
+            if self._fd is not None:
+                os.close(self._fd)
+                self._fd = None
+
+    def lend(self, listening_socket):
+        """Give the descriptor up to accept one client; return its
+        (socket, address), or None.  take() it back when that client is
+        done."""
+        with self.lock:
+            if self._fd is None:
+                return None
+            os.close(self._fd)
+            self._fd = None
+            try:
+                return listening_socket.accept()
+            except OSError:
+                return None
+
+    def shed(self, listening_socket):
+        with self.lock:
+            if self._fd is None:
+                return
+            os.close(self._fd)
+            self._fd = None
+            try:
+                conn, _ = listening_socket.accept()
+                _reset_close(conn)
+            except OSError:
+                pass
+        self.take()
+
+
 def serve_client(proxy, listener, session, partner):
     """Connect *session* upstream and pump it both ways, on a worker thread.
     *partner* is a worker reserved for the upstream -> client pump; it is
@@ -1132,7 +1451,7 @@ def serve_client(proxy, listener, session, partner):
     me.name = "tcpproxy-%d-%s" % (session.listen_port, session.client[1])
     upstream = None
     try:
-        if proxy.is_draining():
+        if proxy.state != "running":
             proxy.registry.count_refused(session.listen_port, "draining")
             session.abort("proxy is stopping")
         else:
@@ -1219,9 +1538,9 @@ def connect_upstream(proxy, listener, session):
         try:
             # SO_SNDTIMEO bounds a blocking connect() (EINPROGRESS when it
             # expires): two syscalls instead of settimeout()'s four fcntl.
-            proxy.set_send_timeout(sock, proxy.connect_timeval)
+            _send_timeout(proxy.libc, sock, proxy.connect_timeval)
             sock.connect((address, port))
-            proxy.set_send_timeout(sock, _TIMEVAL_ZERO)
+            _send_timeout(proxy.libc, sock, _TIMEVAL_ZERO)
         except OSError as exc:
             with session.lock:
                 session.upstream_sock = None
@@ -1250,6 +1569,14 @@ def connect_upstream(proxy, listener, session):
     proxy.registry.count_failed(listen_port, kind)
     session.abort("upstream unreachable", reset=True)
     return None
+
+
+def _send_timeout(libc, sock, timeval):
+    """Set SO_SNDTIMEO (through libc when it is there: see _LibcIO.setsockopt)."""
+    if libc is not None:
+        libc.setsockopt(sock, socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
+    else:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
 
 
 # Why the last connect attempt failed, for /metrics.
@@ -1427,324 +1754,232 @@ def _reset_close(sock):
     sock.close()
 
 
-# Threads #####################################################################
+# Linux fast paths ############################################################
+#
+# Optional speed-ups that the connection path uses when present: the C
+# library's recv/send with the GIL held, splice() through pooled pipes,
+# pooled copy buffers, and binding the process to one CPU (main() only).
 
-class _Worker(threading.Thread):
-    """A pool thread.  run() is overridden rather than given a target:
-    Thread.run() calls its target with *args, which nests the C interpreter
-    loop once more, and a thread keeps every stack page it ever touched."""
+class _BufferPool:
+    """Reusable copy buffers for the pumps (list append/pop are atomic).
+    Only *keep* are kept between bursts: they count in every idle
+    connection's share of memory.  An entry is ``(bytearray, address)``;
+    the address (for libc I/O) is None when *libc* is None."""
 
-    def __init__(self, pool, name):
-        super().__init__(name=name)
-        self.pool = pool
-
-    def run(self):
-        self.pool._run()
-
-
-class _WorkerPool:
-    """Reusable threads: a task given to submit() starts at once, on an
-    idle worker or on a new thread.  reserve() takes a parked worker out
-    of the pool for a task to come: run_on() starts it, give_back() parks
-    it again.  reap(), called by every listener's serve_forever() loop,
-    retires workers idle for *idle_timeout* seconds (or beyond *keep* idle
-    ones) a few at a time: thousands of threads ending at once make
-    CPython's GIL thrash for seconds.  close() wakes idle and reserved
-    workers and joins them all.
-
-    Creating two threads per connection costs more than the connection
-    itself under churn; parked workers cost a little memory instead.
-    """
-
-    def __init__(self, name="tcpproxy-worker", idle_timeout=5.0, keep=512, reap_batch=64):
-        self.name = name
-        self.idle_timeout = idle_timeout
+    def __init__(self, size=LARGE_BUFFER, keep=16, libc=None):
+        self.size = size
         self.keep = keep
-        self.reap_batch = reap_batch
-        self.lock = threading.Lock()
-        self._idle = collections.deque()  # parked workers, oldest on the left
-        self._reserved = set()
-        self._all = set()
-        self._ids = itertools.count(1)
-        self._closed = False
+        self.libc = libc
+        self._free = []
 
-    def submit(self, func, *args):
-        """Run func(*args) on a worker; RuntimeError if no thread can start."""
-        self.run_on(self.reserve(), func, *args)
-
-    def reserve(self):
-        """A parked worker set aside for run_on() or give_back(); RuntimeError
-        if no thread can start.  Starting a thread touches one more page
-        (4 KiB) of the starting thread's stack for good, so listeners
-        reserve the worker of each connection's second pump, rather than
-        leaving the first pump's thread to start it."""
-        with self.lock:
-            if self._closed:
-                raise RuntimeError("worker pool is closed")
-            worker = self._idle.pop() if self._idle else None
-            if worker is None:
-                worker = _Worker(self, name="%s-%d" % (self.name, next(self._ids)))
-                worker.task = None
-                worker.wake = threading.Lock()   # held while parked; release() wakes
-                worker.wake.acquire()
-                self._all.add(worker)
-            self._reserved.add(worker)
-        if not worker.is_alive():
-            try:
-                worker.start()
-            except RuntimeError:
-                with self.lock:
-                    self._all.discard(worker)
-                    self._reserved.discard(worker)
-                raise
-        return worker
-
-    def run_on(self, worker, func, *args):
-        """Start func(*args) on a reserved worker; RuntimeError once closed."""
-        with self.lock:
-            if worker not in self._reserved:
-                raise RuntimeError("worker pool is closed")
-            self._reserved.discard(worker)
-        worker.task = (func, args)
-        worker.wake.release()
-
-    def give_back(self, worker):
-        """Park a reserved worker that was not used (no-op for any other)."""
-        with self.lock:
-            if worker not in self._reserved:
-                return
-            self._reserved.discard(worker)
-            if not self._closed:
-                worker.parked = time.monotonic()
-                self._idle.append(worker)
-                return
-        worker.wake.release()            # closed: its task is None, it ends
-
-    def _run(self):
-        me = threading.current_thread()
-        base = me.name
+    def get(self):
         try:
-            while True:
-                me.wake.acquire()            # parked until run_on(), reap() or close()
-                task, me.task = me.task, None
-                if task is None:
-                    return
-                func, args = task
-                try:
-                    func(*args) if args else func()   # func(): no nested C loop
-                except Exception:  # noqa: BLE001 - a worker must survive its task
-                    log.exception("unexpected error in %s", me.name)
-                me.name = base
-                with self.lock:
-                    if self._closed:
-                        return
-                    me.parked = time.monotonic()
-                    self._idle.append(me)
-        finally:
-            with self.lock:
-                self._all.discard(me)
+            return self._free.pop()
+        except IndexError:
+            buf = bytearray(self.size)
+            return buf, (self.libc.address(buf) if self.libc is not None else None)
 
-    def reap(self):
-        """Retire a few workers idle for too long (or beyond *keep*)."""
-        limit = time.monotonic() - self.idle_timeout
-        with self.lock:
-            for _ in range(self.reap_batch):
-                if not self._idle or (self._idle[0].parked > limit
-                                      and len(self._idle) <= self.keep):
-                    break
-                worker = self._idle.popleft()
-                worker.task = None
-                worker.wake.release()
-
-    def idle(self):
-        with self.lock:
-            return len(self._idle)
-
-    def threads(self):
-        with self.lock:
-            return list(self._all)
-
-    def close(self, deadline):
-        """Stop parked and reserved workers and join every worker until *deadline*."""
-        with self.lock:
-            self._closed = True
-            parked = list(self._idle) + list(self._reserved)
-            self._idle, self._reserved = collections.deque(), set()
-        for worker in parked:
-            worker.task = None
-            worker.wake.release()
-        for worker in self.threads():
-            if worker is not threading.current_thread():
-                worker.join(max(0.0, deadline - time.monotonic()))
-        with self.lock:
-            self._all = {t for t in self._all if t.is_alive()}
-            return list(self._all)
+    def put(self, entry):
+        if len(self._free) < self.keep:
+            self._free.append(entry)
 
 
-# Servers #####################################################################
+class _LibcIO:
+    """recv() and send() called straight from the C library, with the GIL held.
 
-class ProxyServer(socketserver.ThreadingTCPServer):
-    """Listen for one mapping: admit each client (allow lists, limits),
-    register its Session and hand it to serve_client() on the Proxy's
-    worker pool.
+    Python's socket methods release the GIL around every system call.
+    With many busy connections each release hands the GIL to another
+    thread and costs a context switch, which makes a 64-byte request
+    cost several of them.  A pump calls recv() only after poll() said
+    the socket is readable, and both calls use MSG_DONTWAIT, so they
+    never block: holding the GIL through them is safe and halves the
+    CPU per request.  A send() that would block (the reader is slow)
+    falls back to socket.sendall(), which waits with the GIL released.
 
-    Methods for the caller: serve_forever(), stop_accepting(),
-    server_close(), set_mapping(mapping), port.  Overridden hooks:
-    server_bind(), get_request(), verify_request(), process_request(),
-    shutdown_request(), service_actions(), handle_error().
+    Used only on Linux, through ctypes.PyDLL (the library already
+    loaded; nothing is compiled).  TCPPROXY_LIBC_IO=0 or
+    Proxy(libc_io=False) turns it off.
     """
 
-    allow_reuse_address = True
-    request_queue_size = LISTEN_BACKLOG
-    daemon_threads = False
-    block_on_close = False            # the Registry says when sessions end
-
-    def __init__(self, mapping, proxy, listen_host="0.0.0.0"):
-        self.mapping = mapping
-        self.proxy = proxy
-        self.rotation = itertools.count()  # where connect_upstream() starts
-        self.failing = 0                   # connects failed since the last success
-        self.address_family = socket.AF_INET6 if ":" in listen_host else socket.AF_INET
-        self._stopping = threading.Event()
-        super().__init__((listen_host, mapping.listen_port), None)
-
-    @property
-    def port(self):
-        return self.server_address[1]
-
-    def set_mapping(self, mapping):
-        self.mapping = mapping
-
-    def server_bind(self):
-        if self.address_family == socket.AF_INET6:
-            self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-        _tune(self.socket)                # accepted sockets inherit both options
-        super().server_bind()
-
-    def get_request(self):
-        try:
-            return self.socket.accept()
-        except OSError as exc:
-            if exc.errno in EXHAUSTION_ERRS:
-                _ratelimited.log(logging.ERROR, ("accept", self.port), "%d: cannot accept "
-                                 "(%s): shedding a client and backing off", self.port,
-                                 exc.strerror)
-                self.proxy.spare.shed(self.socket)
-                self._stopping.wait(ACCEPT_BACKOFF)
-            raise
-
-    def verify_request(self, request, client_address):
-        """The allow lists (--allow and the mapping's own)."""
-        proxy, mapping = self.proxy, self.mapping
-        if not (proxy.allow or mapping.allow) or (
-                _allowed(client_address[0], proxy.allow)
-                and _allowed(client_address[0], mapping.allow)):
-            return True
-        proxy.registry.count_refused(self.port)
-        _ratelimited.log(logging.WARNING, ("acl", self.port),
-                         "%d: refused client %s: not in the allow list",
-                         self.port, client_address[0])
-        return False
-
-    def process_request(self, request, client_address):
-        """Register the client (or refuse it at a connection limit) and
-        start serve_client() on a worker, reserving a second worker for
-        its other pump (see _WorkerPool.reserve)."""
-        proxy, mapping = self.proxy, self.mapping   # a snapshot: apply() may swap it
-        session = proxy.registry.open(self.port, mapping.target, client_address, request,
-                                      mapping.max_connections, proxy.max_connections)
-        if session is None:
-            _ratelimited.log(logging.WARNING, ("limit", self.port),
-                             "%d: refused client %s: connection limit reached",
-                             self.port, _format_hostport(*client_address[:2]))
-            _reset_close(request)
-            return
-        workers = proxy.workers
-        partner = None
-        try:
-            partner = workers.reserve()
-            # A closure, not submit(func, *args): a call with *args nests
-            # the C interpreter loop once more (see _Worker).
-            workers.submit(lambda: serve_client(proxy, self, session, partner))
-        except RuntimeError as exc:     # can't start new thread
-            if partner is not None:
-                workers.give_back(partner)
-            _ratelimited.log(logging.ERROR, ("thread", self.port),
-                             "%d: cannot start a thread (%s): closing client %s", self.port,
-                             exc, _format_hostport(*client_address[:2]))
-            session.abort("no thread", reset=True)
-            finish_session(proxy, session)
-            self._stopping.wait(ACCEPT_BACKOFF)
-
-    def shutdown_request(self, request):
-        # socketserver's path for a client that verify_request() refused.
-        _reset_close(request)
-
-    def service_actions(self):
-        # Called by serve_forever() every SERVE_POLL_INTERVAL.
-        self.proxy.workers.reap()
-
-    def handle_error(self, request, client_address):
-        log.exception("%d: error handling %s", self.port, client_address)
-
-    def stop_accepting(self):
-        """End serve_forever() and close the listening socket."""
-        self._stopping.set()
-        self.shutdown()
-        self.socket.close()
-
-
-class _SpareDescriptor:
-    """One descriptor held in reserve for when the process runs out: a
-    listener whose accept() fails with EMFILE gives it up to accept one
-    client and reset it (shed), so that the queue moves and the listener
-    does not spin; then takes it back."""
+    FLAGS_RECV = int(getattr(socket, "MSG_DONTWAIT", 0x40))
+    FLAGS_SEND = FLAGS_RECV | int(getattr(socket, "MSG_NOSIGNAL", 0x4000))
 
     def __init__(self):
+        import ctypes                        # only when used: it costs 3 ms to import
+        libc = ctypes.PyDLL(None)
+        self._ctypes = ctypes
+        # No argtypes: converting each argument through them costs more
+        # than the call.  Buffers are passed as c_void_p objects, all the
+        # rest as Python ints (C ints, widened by libffi; sizes are far
+        # below 2**31).
+        self.recv, self.send = libc.recv, libc.send
+        self.recv.restype = self.send.restype = ctypes.c_ssize_t
+        self._shutdown, self._close = libc.shutdown, libc.close
+        self._setsockopt = libc.setsockopt
+        self._shutdown.restype = self._close.restype = self._setsockopt.restype = ctypes.c_int
+        # errno is read from the C library's own per-thread variable: ctypes'
+        # use_errno copy would cost every pump thread a dictionary (0.4 KiB
+        # per idle connection).  Only integers are made between the failed
+        # call and the read, so nothing else can change errno meanwhile.
+        errno_location = getattr(libc, "__errno_location")   # no name mangling
+        errno_location.restype = ctypes.POINTER(ctypes.c_int)
+        self.get_errno = lambda: errno_location()[0]
+
+    def address(self, buf):
+        """A pointer to a bytearray's storage (it is never resized)."""
+        ctypes = self._ctypes
+        return ctypes.c_void_p(ctypes.addressof((ctypes.c_char * len(buf)).from_buffer(buf)))
+
+    def setsockopt(self, sock, level, name, value):
+        """sock.setsockopt(level, name, value) for a bytes *value*.  Python's
+        own tries to parse an int first and fails, which takes a page more
+        of the thread's stack, for good (4 KiB per connection)."""
+        if self._setsockopt(sock.fileno(), level, name, value, len(value)) != 0:
+            err = self.get_errno()
+            raise OSError(err, os.strerror(err))
+
+    def shutdown(self, sock, how):
+        """sock.shutdown(how), errors ignored: it never blocks."""
+        self._shutdown(sock.fileno(), how)
+
+    def close(self, sock):
+        """sock.close(): it does not block, as the proxy never sets a
+        SO_LINGER timeout (only an immediate reset)."""
+        fd = sock.detach()
+        if fd >= 0:
+            self._close(fd)
+
+    @classmethod
+    @functools.lru_cache(maxsize=None)
+    def load(cls):
+        """The shared instance, or None where it is not available."""
+        if not sys.platform.startswith("linux"):
+            return None
+        try:
+            return cls()
+        except (ImportError, OSError, AttributeError) as exc:
+            log.debug("libc I/O is not available (%s): using socket methods", exc)
+            return None
+
+
+class _PipePool:
+    """Reusable pipes for the splice pump; a pipe goes back only when empty."""
+
+    def __init__(self, size=LARGE_BUFFER, keep=64):
+        self.size = size
+        self.keep = keep
         self.lock = threading.Lock()
-        self._fd = None
+        self._free = []
+        self._closed = False
 
-    def take(self):
-        with self.lock:
-            if self._fd is None:
-                try:
-                    self._fd = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
-                except OSError:
-                    self._fd = None
+    def get(self):
+        try:
+            return self._free.pop()
+        except IndexError:
+            pass
+        r, w = os.pipe2(os.O_CLOEXEC) if hasattr(os, "pipe2") else os.pipe()
+        try:
+            fcntl.fcntl(w, F_SETPIPE_SZ, self.size)
+        except OSError:
+            pass
+        return r, w
 
-    def release(self):
+    def put(self, pipe):
         with self.lock:
-            if self._fd is not None:
-                os.close(self._fd)
-                self._fd = None
-
-    def lend(self, listening_socket):
-        """Give the descriptor up to accept one client; return its
-        (socket, address), or None.  take() it back when that client is
-        done."""
-        with self.lock:
-            if self._fd is None:
-                return None
-            os.close(self._fd)
-            self._fd = None
-            try:
-                return listening_socket.accept()
-            except OSError:
-                return None
-
-    def shed(self, listening_socket):
-        with self.lock:
-            if self._fd is None:
+            if not self._closed and len(self._free) < self.keep:
+                self._free.append(pipe)
                 return
-            os.close(self._fd)
-            self._fd = None
-            try:
-                conn, _ = listening_socket.accept()
-                _reset_close(conn)
-            except OSError:
-                pass
-        self.take()
+        self.discard(pipe)
 
+    @staticmethod
+    def discard(pipe):
+        for fd in pipe:
+            os.close(fd)
+
+    def close(self):
+        with self.lock:
+            self._closed = True
+            free, self._free = self._free, []
+        for pipe in free:
+            self.discard(pipe)
+
+
+def _fast_paths(splice=None, libc_io=None):
+    """(libc, buffers, pipes) for a Proxy.  *splice* None means "where
+    available" (Linux, Python 3.10+, TCPPROXY_SPLICE not 0); *libc_io*
+    None means unless TCPPROXY_LIBC_IO=0.  pipes is None without splice."""
+    if splice is None:
+        splice = HAVE_SPLICE and os.environ.get("TCPPROXY_SPLICE", "1") != "0"
+    if splice and not HAVE_SPLICE:
+        raise ConfigError("splice needs Linux and Python 3.10 or newer")
+    if libc_io is None:
+        libc_io = os.environ.get("TCPPROXY_LIBC_IO", "1") != "0"
+    libc = _LibcIO.load() if libc_io else None
+    # With splice, bulk reads bypass the buffers, so small ones will do.
+    buffers = _BufferPool(BULK_READ if splice else LARGE_BUFFER, libc=libc)
+    return libc, buffers, (_PipePool() if splice else None)
+
+
+def parse_cpus(text):
+    """--cpus: 'auto', 'all' or a list such as '3' or '0,2-3' -> 'auto', None or a set."""
+    text = text.strip().lower()
+    if text in ("auto", "all"):
+        return None if text == "all" else "auto"
+    cpus = set()
+    try:
+        for part in text.split(","):
+            low, dash, high = part.partition("-")
+            low, high = int(low), int(high if dash else low)
+            if low < 0 or high < low:
+                raise ValueError
+            cpus.update(range(low, high + 1))
+    except ValueError:
+        raise ValueError("invalid CPU list %r: use auto, all or numbers such as 1 or 0,2-3"
+                         % text) from None
+    return cpus
+
+
+def pin_cpus(spec):
+    """Bind this process to the CPUs *spec* names (a parse_cpus() result or
+    its text); return them.
+
+    'auto' picks one CPU, the last one the process may use.  Python runs
+    one thread at a time (the GIL), so a proxy cannot use more than about
+    one CPU; spread over several, every hand-over of the GIL between pump
+    threads becomes a cross-CPU wake-up, which costs more than the work
+    itself (2-2.5x the CPU per request and per connection, measured).
+    The process also switches to the SCHED_BATCH policy: a pump thread
+    woken by its socket then waits for the running one to block instead
+    of preempting it only to find the GIL taken.  None ('all') leaves
+    affinity and policy alone.  Call it before starting any thread:
+    threads inherit both from the thread that starts them.
+    """
+    if isinstance(spec, str):
+        spec = parse_cpus(spec)
+    if spec is None or not hasattr(os, "sched_setaffinity"):
+        return None
+    allowed = sorted(os.sched_getaffinity(0))
+    if spec == "auto":
+        cpus = {allowed[-1]}
+    else:
+        cpus = set(spec) & set(allowed)
+        if not cpus:
+            raise ConfigError("--cpus %s: this process may only use CPUs %s" % (
+                ",".join(map(str, sorted(spec))), ",".join(map(str, allowed))))
+    try:
+        os.sched_setaffinity(0, cpus)
+    except OSError as exc:
+        raise ConfigError("cannot bind to CPUs %s: %s" % (
+            ",".join(map(str, sorted(cpus))), exc.strerror)) from None
+    try:
+        os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
+    except (AttributeError, OSError) as exc:
+        log.debug("cannot use SCHED_BATCH: %s", exc)
+    return cpus
+
+
+
+# Status server ###############################################################
 
 class _DeadlineSocketIO(socket.SocketIO):
     """A raw reader over the status client's socket that gives the whole
@@ -2319,13 +2554,6 @@ class Proxy:
     def is_draining(self):
         return self.state in ("draining", "stopping", "stopped")
 
-    def set_send_timeout(self, sock, timeval):
-        """Set SO_SNDTIMEO (through libc when it is there: see _LibcIO.setsockopt)."""
-        if self.libc is not None:
-            self.libc.setsockopt(sock, socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
-        else:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
-
     def set_backend_state(self, info):
         """Record the backend's state for /status ("ok" False answers 503
         with "error" as the reason); replaces what was there."""
@@ -2727,231 +2955,6 @@ class BackendPoller:
             self.proxy.set_backend_state(dict(self._info, next_poll=self._next_poll))
             self._poke.wait(wait)
             self._poke.clear()
-
-
-# Linux fast paths ############################################################
-#
-# Optional speed-ups that the connection path uses when present: the C
-# library's recv/send with the GIL held, splice() through pooled pipes,
-# pooled copy buffers, and binding the process to one CPU (main() only).
-
-class _BufferPool:
-    """Reusable copy buffers for the pumps (list append/pop are atomic).
-    Only *keep* are kept between bursts: they count in every idle
-    connection's share of memory.  An entry is ``(bytearray, address)``;
-    the address (for libc I/O) is None when *libc* is None."""
-
-    def __init__(self, size=LARGE_BUFFER, keep=16, libc=None):
-        self.size = size
-        self.keep = keep
-        self.libc = libc
-        self._free = []
-
-    def get(self):
-        try:
-            return self._free.pop()
-        except IndexError:
-            buf = bytearray(self.size)
-            return buf, (self.libc.address(buf) if self.libc is not None else None)
-
-    def put(self, entry):
-        if len(self._free) < self.keep:
-            self._free.append(entry)
-
-
-class _LibcIO:
-    """recv() and send() called straight from the C library, with the GIL held.
-
-    Python's socket methods release the GIL around every system call.
-    With many busy connections each release hands the GIL to another
-    thread and costs a context switch, which makes a 64-byte request
-    cost several of them.  A pump calls recv() only after poll() said
-    the socket is readable, and both calls use MSG_DONTWAIT, so they
-    never block: holding the GIL through them is safe and halves the
-    CPU per request.  A send() that would block (the reader is slow)
-    falls back to socket.sendall(), which waits with the GIL released.
-
-    Used only on Linux, through ctypes.PyDLL (the library already
-    loaded; nothing is compiled).  TCPPROXY_LIBC_IO=0 or
-    Proxy(libc_io=False) turns it off.
-    """
-
-    FLAGS_RECV = int(getattr(socket, "MSG_DONTWAIT", 0x40))
-    FLAGS_SEND = FLAGS_RECV | int(getattr(socket, "MSG_NOSIGNAL", 0x4000))
-
-    def __init__(self):
-        import ctypes                        # only when used: it costs 3 ms to import
-        libc = ctypes.PyDLL(None)
-        self._ctypes = ctypes
-        # No argtypes: converting each argument through them costs more
-        # than the call.  Buffers are passed as c_void_p objects, all the
-        # rest as Python ints (C ints, widened by libffi; sizes are far
-        # below 2**31).
-        self.recv, self.send = libc.recv, libc.send
-        self.recv.restype = self.send.restype = ctypes.c_ssize_t
-        self._shutdown, self._close = libc.shutdown, libc.close
-        self._setsockopt = libc.setsockopt
-        self._shutdown.restype = self._close.restype = self._setsockopt.restype = ctypes.c_int
-        # errno is read from the C library's own per-thread variable: ctypes'
-        # use_errno copy would cost every pump thread a dictionary (0.4 KiB
-        # per idle connection).  Only integers are made between the failed
-        # call and the read, so nothing else can change errno meanwhile.
-        errno_location = getattr(libc, "__errno_location")   # no name mangling
-        errno_location.restype = ctypes.POINTER(ctypes.c_int)
-        self.get_errno = lambda: errno_location()[0]
-
-    def address(self, buf):
-        """A pointer to a bytearray's storage (it is never resized)."""
-        ctypes = self._ctypes
-        return ctypes.c_void_p(ctypes.addressof((ctypes.c_char * len(buf)).from_buffer(buf)))
-
-    def setsockopt(self, sock, level, name, value):
-        """sock.setsockopt(level, name, value) for a bytes *value*.  Python's
-        own tries to parse an int first and fails, which takes a page more
-        of the thread's stack, for good (4 KiB per connection)."""
-        if self._setsockopt(sock.fileno(), level, name, value, len(value)) != 0:
-            err = self.get_errno()
-            raise OSError(err, os.strerror(err))
-
-    def shutdown(self, sock, how):
-        """sock.shutdown(how), errors ignored: it never blocks."""
-        self._shutdown(sock.fileno(), how)
-
-    def close(self, sock):
-        """sock.close(): it does not block, as the proxy never sets a
-        SO_LINGER timeout (only an immediate reset)."""
-        fd = sock.detach()
-        if fd >= 0:
-            self._close(fd)
-
-    @classmethod
-    @functools.lru_cache(maxsize=None)
-    def load(cls):
-        """The shared instance, or None where it is not available."""
-        if not sys.platform.startswith("linux"):
-            return None
-        try:
-            return cls()
-        except (ImportError, OSError, AttributeError) as exc:
-            log.debug("libc I/O is not available (%s): using socket methods", exc)
-            return None
-
-
-class _PipePool:
-    """Reusable pipes for the splice pump; a pipe goes back only when empty."""
-
-    def __init__(self, size=LARGE_BUFFER, keep=64):
-        self.size = size
-        self.keep = keep
-        self.lock = threading.Lock()
-        self._free = []
-        self._closed = False
-
-    def get(self):
-        try:
-            return self._free.pop()
-        except IndexError:
-            pass
-        r, w = os.pipe2(os.O_CLOEXEC) if hasattr(os, "pipe2") else os.pipe()
-        try:
-            fcntl.fcntl(w, F_SETPIPE_SZ, self.size)
-        except OSError:
-            pass
-        return r, w
-
-    def put(self, pipe):
-        with self.lock:
-            if not self._closed and len(self._free) < self.keep:
-                self._free.append(pipe)
-                return
-        self.discard(pipe)
-
-    @staticmethod
-    def discard(pipe):
-        for fd in pipe:
-            os.close(fd)
-
-    def close(self):
-        with self.lock:
-            self._closed = True
-            free, self._free = self._free, []
-        for pipe in free:
-            self.discard(pipe)
-
-
-def _fast_paths(splice=None, libc_io=None):
-    """(libc, buffers, pipes) for a Proxy.  *splice* None means "where
-    available" (Linux, Python 3.10+, TCPPROXY_SPLICE not 0); *libc_io*
-    None means unless TCPPROXY_LIBC_IO=0.  pipes is None without splice."""
-    if splice is None:
-        splice = HAVE_SPLICE and os.environ.get("TCPPROXY_SPLICE", "1") != "0"
-    if splice and not HAVE_SPLICE:
-        raise ConfigError("splice needs Linux and Python 3.10 or newer")
-    if libc_io is None:
-        libc_io = os.environ.get("TCPPROXY_LIBC_IO", "1") != "0"
-    libc = _LibcIO.load() if libc_io else None
-    # With splice, bulk reads bypass the buffers, so small ones will do.
-    buffers = _BufferPool(BULK_READ if splice else LARGE_BUFFER, libc=libc)
-    return libc, buffers, (_PipePool() if splice else None)
-
-
-def parse_cpus(text):
-    """--cpus: 'auto', 'all' or a list such as '3' or '0,2-3' -> 'auto', None or a set."""
-    text = text.strip().lower()
-    if text in ("auto", "all"):
-        return None if text == "all" else "auto"
-    cpus = set()
-    try:
-        for part in text.split(","):
-            low, dash, high = part.partition("-")
-            low, high = int(low), int(high if dash else low)
-            if low < 0 or high < low:
-                raise ValueError
-            cpus.update(range(low, high + 1))
-    except ValueError:
-        raise ValueError("invalid CPU list %r: use auto, all or numbers such as 1 or 0,2-3"
-                         % text) from None
-    return cpus
-
-
-def pin_cpus(spec):
-    """Bind this process to the CPUs *spec* names (a parse_cpus() result or
-    its text); return them.
-
-    'auto' picks one CPU, the last one the process may use.  Python runs
-    one thread at a time (the GIL), so a proxy cannot use more than about
-    one CPU; spread over several, every hand-over of the GIL between pump
-    threads becomes a cross-CPU wake-up, which costs more than the work
-    itself (2-2.5x the CPU per request and per connection, measured).
-    The process also switches to the SCHED_BATCH policy: a pump thread
-    woken by its socket then waits for the running one to block instead
-    of preempting it only to find the GIL taken.  None ('all') leaves
-    affinity and policy alone.  Call it before starting any thread:
-    threads inherit both from the thread that starts them.
-    """
-    if isinstance(spec, str):
-        spec = parse_cpus(spec)
-    if spec is None or not hasattr(os, "sched_setaffinity"):
-        return None
-    allowed = sorted(os.sched_getaffinity(0))
-    if spec == "auto":
-        cpus = {allowed[-1]}
-    else:
-        cpus = set(spec) & set(allowed)
-        if not cpus:
-            raise ConfigError("--cpus %s: this process may only use CPUs %s" % (
-                ",".join(map(str, sorted(spec))), ",".join(map(str, allowed))))
-    try:
-        os.sched_setaffinity(0, cpus)
-    except OSError as exc:
-        raise ConfigError("cannot bind to CPUs %s: %s" % (
-            ",".join(map(str, sorted(cpus))), exc.strerror)) from None
-    try:
-        os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
-    except (AttributeError, OSError) as exc:
-        log.debug("cannot use SCHED_BATCH: %s", exc)
-    return cpus
-
 
 
 # CLI #########################################################################
