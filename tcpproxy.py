@@ -2854,8 +2854,8 @@ class BackendPoller:
             mappings = self.backend.fetch()
         except ConfigPending as exc:
             log.debug("backend %s: %s", self.backend.name, exc)
-            self._info = dict(self._info, polls=self.polls)
-            self.proxy.set_backend_state(self._info)
+            self._publish(error=self._info.get("error"), rejected=self.rejected,
+                          last_poll_failed=self._info.get("last_poll_failed", False))
             return True                   # nothing changes until it settles
         except ConfigRejected as exc:
             return self._record(False, str(exc), rejected=True)

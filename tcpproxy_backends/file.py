@@ -102,8 +102,9 @@ def _where(name, node):
 
 def _expanded_size(yaml, root, limit):
     """How many nodes *root* stands for once aliases are expanded (stops
-    counting past *limit*); linear in the number of distinct nodes."""
-    sizes = {}
+    counting past *limit*); linear in the number of distinct nodes.  A node
+    that contains itself (``&a [*a]``) counts as unbounded."""
+    sizes, open_nodes = {}, set()
     stack = [(root, False)]
     while stack:
         node, children_done = stack.pop()
@@ -115,8 +116,12 @@ def _expanded_size(yaml, root, limit):
         children = [n for pair in node.value for n in pair] \
             if isinstance(node, yaml.MappingNode) else list(node.value)
         if children_done:
+            open_nodes.discard(id(node))
             sizes[id(node)] = min(limit + 1, 1 + sum(sizes.get(id(c), 0) for c in children))
             continue
+        if any(id(c) in open_nodes or c is node for c in children):
+            return limit + 1                  # recursive: it would never end
+        open_nodes.add(id(node))
         stack.append((node, True))
         stack.extend((c, False) for c in children if id(c) not in sizes)
     return sizes[id(root)]
@@ -175,8 +180,8 @@ def parse_config(text, name="<config>"):
         if node is None:
             raise ConfigRejected("%s is empty (write 'mappings: []' for no mappings)" % name)
         if _expanded_size(yaml, node, MAX_NODES) > MAX_NODES:
-            raise ConfigRejected("%s: more than %d YAML nodes once aliases are expanded"
-                                 % (name, MAX_NODES))
+            raise ConfigRejected("%s: more than %d YAML nodes once aliases are expanded "
+                                 "(or an alias inside itself)" % (name, MAX_NODES))
         data = loader.construct_document(node)
     except yaml.reader.ReaderError as exc:
         before = text[:exc.position]

@@ -37,6 +37,7 @@ POLLED_BACKEND = {                         # BackendPoller's state
     "name": str, "ok": bool, "polls": int, "interval": (int, float),
     "last_poll_ok": (str, NONE), "last_error": (str, NONE), "next_poll": (str, NONE),
     "error": (str, NONE), "rejected": (str, NONE), "last_poll_failed": bool,
+    "errors": int, "last_success": (float, NONE),
 }
 FILE_BACKEND = dict(POLLED_BACKEND, config=str)
 
