@@ -7,6 +7,7 @@ reports (a subprocess's thread count, a port in /proc/net/tcp) and raises
 AssertionError when it is not met in time.
 """
 
+import contextlib
 import errno
 import hashlib
 import http.client as httplib
@@ -91,6 +92,22 @@ def free_ports(n, host=LOOP4):
 def free_port(host=LOOP4):
     """A TCP port that was free on ``host`` a moment ago."""
     return free_ports(1, host)[0]
+
+
+@contextlib.contextmanager
+def many_sessions(port, n, host=LOOP4):
+    """*n* client connections to (*host*, *port*), held open for the
+    ``with`` block and closed after it (the descriptor limit raised for
+    them)."""
+    raise_nofile(2 * n + 1024)
+    socks = []
+    try:
+        for _ in range(n):
+            socks.append(socket.create_connection((host, port), timeout=5))
+        yield socks
+    finally:
+        for sock in socks:
+            sock.close()
 
 
 def raise_nofile(want=None):

@@ -5,7 +5,7 @@ through its HTTP API, access rules, and the cost of a scrape."""
 import socket
 import time
 
-from helpers import (LOOP4, free_port, http, recv_exact, spec, wait_until)
+from helpers import LOOP4, free_port, http, many_sessions, recv_exact, spec, wait_until
 from peers import promtool_check_metrics
 
 
@@ -91,14 +91,9 @@ def test_prometheus_scrapes_a_running_proxy(start_proxy, echo, prometheus):
 
 
 def test_a_scrape_with_2000_sessions_is_cheap(start_proxy, echo):
-    from helpers import raise_nofile
-    raise_nofile(8192)
     lport = free_port()
     proxy = start_proxy(spec(lport, LOOP4, echo.port))
-    sessions = []
-    try:
-        for _ in range(2000):
-            sessions.append(socket.create_connection((LOOP4, lport), timeout=5))
+    with many_sessions(lport, 2000):
         assert wait_until(lambda: sample(metrics(proxy), "tcpproxy_connections_active",
                                          mapping=lport) == 2000, 30)
         times = []
@@ -108,6 +103,3 @@ def test_a_scrape_with_2000_sessions_is_cheap(start_proxy, echo):
             times.append(time.perf_counter() - started)
         times.sort()
         assert times[5] < 0.05, times
-    finally:
-        for sock in sessions:
-            sock.close()

@@ -19,7 +19,7 @@ import pytest
 
 import tcpproxy
 from helpers import (LOOP4, REPO, TCPPROXY, EchoServer, ProxyProcess, free_port, http,
-                     http_json, raise_nofile, run_cli, spec, wait_until)
+                     http_json, many_sessions, run_cli, spec, wait_until)
 
 
 def client(port, timeout=5.0, source=None):
@@ -451,13 +451,9 @@ def test_reading_status_does_not_stall_proxying(path, start_proxy, echo):
     """With 2,000 sessions open and /connections (or /metrics) read in a
     loop, proxied 1-connection ping-pong p50 stays within 2x of its idle
     value."""
-    raise_nofile(8192)
     lport = free_port()
     proxy = start_proxy(spec(lport, LOOP4, echo.port))
-    sessions = []
-    try:
-        for _ in range(2000):
-            sessions.append(client(lport))
+    with many_sessions(lport, 2000):
         assert wait_until(lambda: len(http_json(proxy.status_address, "/connections")
                                       ["sessions"]) == 2000, 30)
         idle = ping_pong_p50(lport)
@@ -474,9 +470,6 @@ def test_reading_status_does_not_stall_proxying(path, start_proxy, echo):
             "%d times" % (idle * 1e3, loaded * 1e3, path, reads)
         limited = http_json(proxy.status_address, "/connections?limit=10")
         assert len(limited["sessions"]) == 10 and limited["total"] == 2000
-    finally:
-        for sock in sessions:
-            sock.close()
 
 
 # Signals #####################################################################
