@@ -2135,12 +2135,17 @@ def tls_pump(session, src, dst, up, proxy):
         if not n or eof:
             _tls_end_of_stream(session, dst, dst_lock)
             return
-        if up:
-            session.bytes_up += n
-            session.last_up = monotonic()
-        else:
-            session.bytes_down += n
-            session.last_down = monotonic()
+        _count(session, up, n, monotonic())
+
+
+def _count(session, up, n, now):
+    """*n* bytes moved (pump() does this inline: it is its hot loop)."""
+    if up:
+        session.bytes_up += n
+        session.last_up = now
+    else:
+        session.bytes_down += n
+        session.last_down = now
 
 
 def _tls_sender(sock, lock):
