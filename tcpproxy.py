@@ -37,7 +37,9 @@ Map of this file, in the order a connection's data flows through it:
     Connection             one client's life in order: ProxyServer (the
                            mapping's listener: allow list, limits, hand-off),
                            serve_client() (connect_upstream: the address
-                           fail-over loop; start the pumps; close), pump()
+                           fail-over loop; start the pumps; close), pump();
+                           TLS: tls_accept() (termination), tls_connect()
+                           (origination), tls_pump(), TlsContexts
     Linux fast paths       copy buffers, libc recv/send, splice pipes, CPU
                            pinning
     Status server          StatusServer: /status, /connections, /metrics and
@@ -52,6 +54,7 @@ __all__ = [
     "ProxyError", "ConfigError", "BackendError", "ConfigRejected", "ConfigPending",
     "ResolveError",
     "short_repr", "check_port", "parse_hostport", "parse_allow", "check_limit", "check_unique_ports",
+    "check_tls", "TLS_FIELDS", "TlsContexts",
     "Mapping", "parse_connections", "Resolver", "Registry", "Session",
     "ProxyServer", "StatusServer", "Proxy", "BackendPoller", "load_backend",
     "parse_cpus", "pin_cpus", "JsonFormatter", "main",
@@ -77,6 +80,7 @@ import select
 import signal
 import socket
 import socketserver
+import ssl
 import struct
 import sys
 import threading
@@ -390,6 +394,58 @@ def check_unique_ports(entries):
     return [mapping for _, mapping in entries]
 
 
+# A mapping's TLS settings (see "TLS" in the Connection section); None means
+# "not set here": the proxy's own (the command line's) applies.
+TLS_FIELDS = ("upstream_tls", "upstream_ca", "upstream_sni", "upstream_cert", "upstream_key",
+              "tls_cert", "tls_key")
+_TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
+
+
+def check_flag(value, what="flag"):
+    """Return True, False or None (not set) from a bool or a string such as
+    "true"/"false"; raise ConfigError naming *what*."""
+    if value is None or isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in _TRUE + _FALSE:
+        return value.strip().lower() in _TRUE
+    raise ConfigError("%s %s is not true or false" % (what, short_repr(value)))
+
+
+def check_file(value, what="file"):
+    """Return a file name (a non-empty string) or None; raise ConfigError
+    naming *what*.  Whether the file is readable is checked when it is
+    loaded."""
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value.strip() or "\0" in value:
+        raise ConfigError("%s %s is not a file name" % (what, short_repr(value)))
+    return value.strip()
+
+
+def check_server_name(value, what="upstream_sni"):
+    """Return a TLS server name (a host name or an IP address) or None."""
+    if value is None:
+        return None
+    name = value.strip().strip("[]") if isinstance(value, str) else None
+    if not name or not (_is_ip(name) or _HOSTNAME.match(name)):
+        raise ConfigError("%s %s is not a host name or an IP address" % (what, short_repr(value)))
+    return name
+
+
+def check_tls(options):
+    """Validate a {TLS_FIELDS name: value} dict (a mapping's, or the
+    command line's); return it with normalised values."""
+    out = {name: options.get(name) for name in TLS_FIELDS}
+    out["upstream_tls"] = check_flag(out["upstream_tls"], "upstream_tls")
+    out["upstream_sni"] = check_server_name(out["upstream_sni"])
+    for name in ("upstream_ca", "upstream_cert", "upstream_key", "tls_cert", "tls_key"):
+        out[name] = check_file(out[name], name)
+    for key, cert in (("upstream_key", "upstream_cert"), ("tls_key", "tls_cert")):
+        if out[key] and not out[cert]:
+            raise ConfigError("%s needs %s" % (key, cert))
+    return out
+
+
 def _allowed(address, networks):
     if not networks:
         return True
@@ -409,7 +465,8 @@ class Mapping:
     """One port mapping: listen on *listen_port*, forward to (*host*, *port*).
 
     *allow* (CIDR strings or networks) limits which clients may connect;
-    *max_connections* (0 = unlimited) caps concurrent clients.  Mappings
+    *max_connections* (0 = unlimited) caps concurrent clients; the
+    TLS_FIELDS turn on TLS to the upstream or for clients.  Mappings
     are values: two equal mappings mean the same thing, and a
     configuration change is a difference of sets keyed by *listen_port*.
     """
@@ -419,6 +476,14 @@ class Mapping:
     port: int
     allow: tuple = field(default=(), compare=True)
     max_connections: int = 0
+    # TLS (see TLS_FIELDS; None: the proxy's setting applies)
+    upstream_tls: bool = None
+    upstream_ca: str = None
+    upstream_sni: str = None
+    upstream_cert: str = None
+    upstream_key: str = None
+    tls_cert: str = None
+    tls_key: str = None
 
     def __post_init__(self):
         spec = "%s:%s:%s" % (self.listen_port, self.host, self.port)
@@ -428,6 +493,8 @@ class Mapping:
             object.__setattr__(self, "port", check_port(self.port, "target port"))
             object.__setattr__(self, "allow", parse_allow(self.allow))
             object.__setattr__(self, "max_connections", check_limit(self.max_connections))
+            for name, value in check_tls({n: getattr(self, n) for n in TLS_FIELDS}).items():
+                object.__setattr__(self, name, value)          # TLS
         except ConfigError as exc:
             raise ConfigError("invalid connection %s: %s" % (short_repr(spec), exc)) from None
         host = str(self.host or "").strip()
@@ -820,7 +887,7 @@ class Session:
     __slots__ = ("id", "listen_port", "target", "client", "upstream_address",
                  "started", "opened", "connected", "last_up", "last_down", "bytes_up",
                  "bytes_down", "lock", "client_sock", "upstream_sock", "closed_reason",
-                 "state", "pumps")
+                 "state", "pumps", "tls")
 
     def __init__(self, sid, listen_port, target, client, client_sock):
         self.id = sid
@@ -840,6 +907,7 @@ class Session:
         self.closed_reason = None
         self.state = "connecting"
         self.pumps = 2
+        self.tls = None                  # TLS: {"client": ..., "upstream": ...} (see _tls_info)
 
     @property
     def last_active(self):
@@ -892,7 +960,7 @@ class Session:
                 "state": self.state,
                 "started": _iso(self.started),
                 "seconds": round(time.time() - self.started, 3),
-                "bytes_up": self.bytes_up, "bytes_down": self.bytes_down}
+                "bytes_up": self.bytes_up, "bytes_down": self.bytes_down, "tls": self.tls}
 
 
 CONNECT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
@@ -976,7 +1044,7 @@ class Registry:
 
     def count_failed(self, listen_port, reason="other"):
         """A client closed for want of an upstream (*reason*: resolve,
-        refused, timeout, unreachable, other)."""
+        refused, timeout, unreachable, tls, other)."""
         with self.lock:
             stats = self._stats_of(listen_port)
             stats.failed += 1
@@ -1303,6 +1371,7 @@ class ProxyServer(socketserver.ThreadingTCPServer):
         self.failing = 0                   # connects failed since the last success
         self.address_family = socket.AF_INET6 if ":" in listen_host else socket.AF_INET
         self._stopping = threading.Event()
+        self.tls = proxy.tls.settings(mapping, load=True)    # TLS: None for plain TCP
         super().__init__((listen_host, mapping.listen_port), None)
 
     @property
@@ -1310,6 +1379,7 @@ class ProxyServer(socketserver.ThreadingTCPServer):
         return self.server_address[1]
 
     def set_mapping(self, mapping):
+        self.tls = self.proxy.tls.settings(mapping)          # TLS
         self.mapping = mapping
 
     def server_bind(self):
@@ -1454,8 +1524,9 @@ def serve_client(proxy, listener, session, partner):
         if proxy.state != "running":
             proxy.registry.count_refused(session.listen_port, "draining")
             session.abort("proxy is stopping")
-        else:
+        elif tls_accept(proxy, listener, session):         # TLS: the client's handshake
             upstream = connect_upstream(proxy, listener, session)
+            upstream = tls_connect(proxy, listener, session, upstream)     # TLS
             if upstream is None:
                 listener.failing += 1
             else:
@@ -1479,11 +1550,12 @@ def serve_client(proxy, listener, session, partner):
                      "target": _format_hostport(*session.target)})
     client = session.client_sock
     name = me.name
+    copy = pump if session.tls is None else tls_pump       # TLS
 
     def down():
         threading.current_thread().name = name + "-down"
         try:
-            pump(session, upstream, client, False, proxy)
+            copy(session, upstream, client, False, proxy)
         finally:
             if session.pump_ended():
                 finish_session(proxy, session)
@@ -1497,7 +1569,7 @@ def serve_client(proxy, listener, session, partner):
         finish_session(proxy, session)
         return
     try:
-        pump(session, client, upstream, True, proxy)
+        copy(session, client, upstream, True, proxy)
     finally:
         if session.pump_ended():
             finish_session(proxy, session)
@@ -1705,6 +1777,452 @@ def pump(session, src, dst, up, proxy):
         else:
             session.bytes_down += n
             session.last_down = monotonic()
+
+
+# TLS -------------------------------------------------------------------------
+#
+# Standard library ssl only.  Origination (upstream_tls): once
+# connect_upstream() has a socket, tls_connect() does the handshake (TLS
+# 1.2+, the system CAs or upstream_ca, SNI and the hostname check on the
+# target name or upstream_sni), bounded by the connect timeout.
+# Termination (tls_cert): tls_accept() wraps the accepted socket on the
+# worker thread, bounded by TLS_HANDSHAKE_TIMEOUT.  A session with TLS on
+# either side is copied by tls_pump(): no splice, no libc I/O.  OpenSSL
+# forbids two threads in one SSL object, even one reading and one writing,
+# so an SSLSocket here is non-blocking and every call on it holds its
+# ``tls_lock``; waits (poll) happen outside the lock.  Contexts are built
+# once per set of files (TlsContexts); a server certificate is re-read when
+# its files change and on SIGHUP.
+
+TLS_HANDSHAKE_TIMEOUT = 10.0       # a client's handshake (termination)
+TLS_RECORD = 16 * 1024             # the largest TLS record's payload
+TLS_CHECK_INTERVAL = 1.0           # how often a connection stat()s the certificate files
+TLS_FAILURE_REASONS = ("verify", "protocol", "timeout", "closed", "config")
+TlsSettings = collections.namedtuple("TlsSettings", TLS_FIELDS)
+_NO_TLS = TlsSettings(False, None, None, None, None, None, None)
+
+
+class _NoLock:
+    __slots__ = ()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+_NO_LOCK = _NoLock()
+# No renegotiation (a write must never need a read); a peer's FIN without
+# close_notify is an EOF, not a fatal error answered with an alert.
+_TLS_OPTIONS = getattr(ssl, "OP_NO_RENEGOTIATION", 0) | getattr(ssl, "OP_IGNORE_UNEXPECTED_EOF", 0)
+
+
+def _client_context(ca, cert, key):
+    """An origination context: TLS 1.2+, verify against *ca* (None: the
+    system CAs), optional client certificate."""
+    try:
+        context = ssl.create_default_context(cafile=ca)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        context.options |= _TLS_OPTIONS
+        if cert:
+            context.load_cert_chain(cert, key)
+    except (OSError, ssl.SSLError, ValueError) as exc:
+        raise ConfigError("cannot load the upstream TLS files (CA %s, certificate %s): %s"
+                          % (ca or "system", cert or "none", exc)) from None
+    return context
+
+
+def _server_context(cert, key):
+    """A termination context: TLS 1.2+, *cert* and *key*."""
+    try:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        context.options |= _TLS_OPTIONS
+        context.load_cert_chain(cert, key)
+    except (OSError, ssl.SSLError, ValueError) as exc:
+        raise ConfigError("cannot load TLS certificate %s (key %s): %s"
+                          % (cert, key or cert, exc)) from None
+    return context
+
+
+def _files_signature(*names):
+    """(size, mtime) of each file; None for one that cannot be stat()ed."""
+    out = []
+    for name in names:
+        try:
+            st = os.stat(name) if name else None
+        except OSError:
+            st = None
+        out.append(st and (st.st_size, st.st_mtime_ns, st.st_ino))
+    return tuple(out)
+
+
+class TlsContexts:
+    """The proxy's TLS contexts and counters: the one owner of both.
+
+    Methods for the caller: settings(mapping) (a TlsSettings, the
+    mapping's own over the command line's, or None for plain TCP),
+    client_context(settings), server_context(settings), reload()
+    (SIGHUP), count_failure(), failures(), warnings().  Client contexts
+    are keyed by (CA, certificate, key), server contexts by (certificate,
+    key): built once, shared by every mapping and connection using them.
+    A server certificate is stat()ed at most every TLS_CHECK_INTERVAL when
+    a client arrives and re-read when it changed; a new context serves new
+    connections only (open ones keep theirs).  A file that does not load
+    keeps the context in force, with a warning in /status.
+    """
+
+    def __init__(self, defaults=None):
+        self.defaults = {k: v for k, v in check_tls(defaults or {}).items() if v}
+        self.lock = threading.Lock()
+        self._clients = {}             # (ca, cert, key) -> SSLContext
+        self._servers = {}             # (cert, key) -> [SSLContext, signature, checked]
+        self._failures = {}            # (port, side, reason) -> count
+        self._warnings = {}            # (cert, key) -> text
+
+    def settings(self, mapping, load=False):
+        """*mapping*'s TLS settings, None when it has none.  *load*: build
+        its contexts now (ConfigError when a file does not load)."""
+        values = {name: getattr(mapping, name) for name in TLS_FIELDS}
+        for name, value in self.defaults.items():
+            if values[name] is None:
+                values[name] = value
+        if not (values["upstream_tls"] or values["tls_cert"]):
+            return None
+        settings = TlsSettings(**values)
+        if load:
+            if settings.upstream_tls:
+                self.client_context(settings)
+            if settings.tls_cert:
+                self.server_context(settings)
+        return settings
+
+    def client_context(self, settings):
+        key = (settings.upstream_ca, settings.upstream_cert, settings.upstream_key)
+        context = self._clients.get(key)
+        if context is None:
+            context = _client_context(*key)
+            with self.lock:
+                context = self._clients.setdefault(key, context)
+        return context
+
+    def server_context(self, settings, force=False):
+        key = (settings.tls_cert, settings.tls_key)
+        entry = self._servers.get(key)
+        now = time.monotonic()
+        if entry is not None and not force and now - entry[2] < TLS_CHECK_INTERVAL:
+            return entry[0]
+        with self.lock:
+            entry = self._servers.get(key)
+            if entry is not None and not force and now - entry[2] < TLS_CHECK_INTERVAL:
+                return entry[0]
+            signature = _files_signature(*key)
+            if entry is not None and not force and signature == entry[1]:
+                entry[2] = now
+                return entry[0]
+            try:
+                context = _server_context(*key)
+            except ConfigError as exc:
+                if entry is None:
+                    raise
+                entry[1:] = [signature, now]
+                self._warnings[key] = "%s; the certificate in force stays" % exc
+                _once.log(logging.ERROR, ("tls-cert", key), "%s", self._warnings[key])
+                return entry[0]
+            if entry is not None:
+                log.info("TLS: re-read certificate %s", key[0])
+            if self._warnings.pop(key, None) is not None:
+                _once.clear(("tls-cert", key))
+            self._servers[key] = [context, signature, now]
+            return context
+
+    def reload(self):
+        """SIGHUP: re-read every server certificate now."""
+        for key in list(self._servers):
+            self.server_context(_NO_TLS._replace(tls_cert=key[0], tls_key=key[1]), force=True)
+
+    def count_failure(self, port, side, reason):
+        with self.lock:
+            key = (port, side, reason)
+            self._failures[key] = self._failures.get(key, 0) + 1
+
+    def failures(self):
+        """{(port, side, reason): handshakes failed}, a copy."""
+        with self.lock:
+            return dict(self._failures)
+
+    def warnings(self):
+        with self.lock:
+            return sorted(self._warnings.values())
+
+    @staticmethod
+    def describe(settings):
+        """What /status shows of a mapping's TLS settings."""
+        out = (settings or _NO_TLS)._asdict()
+        out["upstream_tls"] = bool(out["upstream_tls"])
+        return dict(out)
+
+
+def _tls_info(sock):
+    cipher = sock.cipher()
+    return {"version": sock.version(), "cipher": cipher[0] if cipher else None}
+
+
+def _tls_reason(exc):
+    """A handshake failure's reason, for /metrics."""
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return "verify"
+    if isinstance(exc, ConfigError):
+        return "config"
+    if isinstance(exc, socket.timeout):
+        return "timeout"
+    if isinstance(exc, (ssl.SSLEOFError, ssl.SSLZeroReturnError, ConnectionError)) \
+            or not isinstance(exc, ssl.SSLError):
+        return "closed"
+    return "protocol"
+
+
+def _tls_handshake(proxy, session, side, wrap, timeout, name=None):
+    """Wrap the session's socket on *side* ("client" or "upstream") with
+    *wrap*, do the handshake within *timeout*; return the SSLSocket, or None
+    (the reason logged and counted, the session aborted).  *name*: the
+    server name checked, for the log."""
+    attr = side + "_sock"
+    port = session.listen_port
+    try:
+        with session.lock:                 # abort() may run meanwhile
+            if session.closed_reason is not None:
+                return None
+            sock = wrap(getattr(session, attr))
+            setattr(session, attr, sock)
+        sock.settimeout(timeout)
+        sock.do_handshake()
+        sock.settimeout(0.0)               # tls_pump: non-blocking, under tls_lock
+    except (OSError, ValueError, ConfigError) as exc:
+        if session.closed_reason is not None:
+            return None
+        reason = _tls_reason(exc)
+        proxy.tls.count_failure(port, side, reason)
+        text = exc
+        if reason == "verify":
+            text = "certificate verify failed: %s (name checked: %s)" % (
+                exc.verify_message, name)
+        level = logging.INFO if side == "client" and reason == "closed" else logging.WARNING
+        _ratelimited.log(level, ("tls", side, port), "%d: closing client %s: TLS handshake "
+                         "with the %s failed (%s): %s", port,
+                         _format_hostport(*session.client[:2]), side, reason, text)
+        session.abort("%s TLS handshake failed" % side, reset=True)
+        return None
+    sock.tls_lock = threading.Lock()
+    sock.tls_close_wanted = False          # see _tls_close_notify
+    tls = dict(session.tls or {"client": None, "upstream": None})
+    tls[side] = _tls_info(sock)
+    session.tls = tls
+    return sock
+
+
+def tls_accept(proxy, listener, session):
+    """Termination: the client's TLS handshake, when the mapping has
+    tls_cert.  True when the session may go on."""
+    settings = listener.tls
+    if settings is None or not settings.tls_cert:
+        return True
+    try:
+        context = proxy.tls.server_context(settings)
+    except ConfigError as exc:
+        proxy.tls.count_failure(session.listen_port, "client", "config")
+        _ratelimited.log(logging.ERROR, ("tls-config", session.listen_port),
+                         "%d: closing client %s: %s", session.listen_port,
+                         _format_hostport(*session.client[:2]), exc)
+        session.abort("no TLS certificate", reset=True)
+        return False
+    return _tls_handshake(proxy, session, "client", lambda sock: context.wrap_socket(
+        sock, server_side=True, do_handshake_on_connect=False),
+        TLS_HANDSHAKE_TIMEOUT) is not None
+
+
+def tls_connect(proxy, listener, session, sock):
+    """Origination: the TLS handshake on the connected upstream *sock*
+    when the mapping has upstream_tls; return the socket to pump (None:
+    failed, counted as a failed upstream)."""
+    settings = listener.tls
+    if sock is None or settings is None or not settings.upstream_tls:
+        return sock
+    name = settings.upstream_sni or session.target[0]
+
+    def wrap(raw):
+        return proxy.tls.client_context(settings).wrap_socket(
+            raw, server_hostname=name, do_handshake_on_connect=False)
+
+    tls = _tls_handshake(proxy, session, "upstream", wrap, proxy.connect_timeout, name)
+    if tls is None and session.closed_reason == "upstream TLS handshake failed":
+        proxy.registry.count_failed(session.listen_port, "tls")
+    return tls
+
+
+def tls_pump(session, src, dst, up, proxy):
+    """pump() for a session with TLS on either side: poll, read what is
+    there (on an SSLSocket, every record already in, up to a buffer),
+    write it all.  Bytes OpenSSL has decrypted already are invisible to
+    poll(): pending() is asked first.  EOF becomes close_notify (TLS 1.3,
+    where a peer may go on sending) or a FIN; a TLS error resets the
+    session."""
+    idle_timeout = proxy.idle_timeout
+    wait_ms = int(min(idle_timeout, 5.0) * 1000) if idle_timeout else None
+    poller = select.poll()
+    poller.register(src, select.POLLIN | select.POLLPRI)
+    poll = poller.poll
+    src_lock = getattr(src, "tls_lock", None) or _NO_LOCK
+    dst_lock = getattr(dst, "tls_lock", None) or _NO_LOCK
+    src_tls = src_lock is not _NO_LOCK
+    send = _tls_sender(dst, dst_lock) if dst_lock is not _NO_LOCK else dst.sendall
+    recv_into = src.recv_into
+    buffers = proxy.buffers
+    get_buffer, put_buffer, size = buffers.get, buffers.put, buffers.size
+    from_side, to_side = ("client", "upstream") if up else ("upstream", "client")
+    monotonic = time.monotonic
+    while True:
+        ready = False
+        if src_tls:
+            with src_lock:
+                ready = src.pending()
+        if not ready and not poll(wait_ms):
+            if monotonic() - session.last_active >= idle_timeout:
+                session.abort("idle timeout")
+                return
+            continue
+        entry = get_buffer()
+        view = memoryview(entry[0])
+        eof = False
+        n = 0
+        try:
+            try:
+                with src_lock:
+                    n = recv_into(view)
+                # A full record: more may be in; read them too, for one write.
+                while src_tls and n >= TLS_RECORD and size - n >= TLS_RECORD:
+                    with src_lock:
+                        got = recv_into(view[n:])
+                    if not got:
+                        eof = True
+                        break
+                    n += got
+            except (ssl.SSLWantReadError, ssl.SSLWantWriteError, BlockingIOError,
+                    InterruptedError):
+                if not n:
+                    if src_tls and src.tls_close_wanted:
+                        with src_lock:
+                            _tls_close_notify(src)
+                    continue
+            except ssl.SSLZeroReturnError:     # close_notify after ours
+                eof = True
+            except OSError as exc:
+                _tls_failed(session, exc, from_side)
+                return
+            if n:
+                try:
+                    send(view[:n])
+                except OSError as exc:
+                    _tls_failed(session, exc, to_side)
+                    return
+        finally:
+            view.release()
+            put_buffer(entry)
+        if src_tls and src.tls_close_wanted:
+            with src_lock:
+                _tls_close_notify(src)
+        if not n or eof:
+            _tls_end_of_stream(session, dst, dst_lock)
+            return
+        _count(session, up, n, monotonic())
+
+
+def _count(session, up, n, now):
+    """*n* bytes moved (pump() does this inline: it is its hot loop)."""
+    if up:
+        session.bytes_up += n
+        session.last_up = now
+    else:
+        session.bytes_down += n
+        session.last_down = now
+
+
+def _tls_sender(sock, lock):
+    """sendall() for a non-blocking SSLSocket: each try holds *lock*;
+    waiting for room does not."""
+    poller = select.poll()
+    poller.register(sock, select.POLLOUT)
+    wait, send = poller.poll, sock.send
+
+    def sendall(view):
+        while view:
+            try:
+                with lock:
+                    sent = send(view)      # all of it, or WANT_WRITE: retry the same
+            except (ssl.SSLWantWriteError, ssl.SSLWantReadError, BlockingIOError):
+                wait(1000)
+                continue
+            view = view[sent:]
+    return sendall
+
+
+def _tls_close_notify(sock):
+    """Half-close an SSLSocket (its tls_lock held): send close_notify; the
+    peer may go on sending (TLS 1.3; a TLS 1.2 peer usually closes).
+    unwrap() is Python's only way to send it, and it calls SSL_shutdown()
+    twice: the second call reads, and drops a whole record of the peer's
+    data if one is there.  So it runs only when nothing is readable; else
+    the pump reading *sock* calls this again once it has drained it."""
+    readable = select.poll()
+    readable.register(sock, select.POLLIN)
+    if sock.pending() or readable.poll(0):
+        sock.tls_close_wanted = True
+        return
+    sock.tls_close_wanted = False
+    try:
+        sock.unwrap()
+    except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+        pass                               # sent; the peer's comes with its EOF
+    except (OSError, ValueError):
+        pass
+
+
+def _tls_end_of_stream(session, dst, lock):
+    """_end_of_stream() where *dst* may be an SSLSocket: close_notify
+    (see _tls_close_notify); once the other way is done too, unwrap() ends
+    the TLS cleanly before the close."""
+    if session.closed_reason is not None:
+        return
+    if lock is _NO_LOCK:
+        if session.pumps > 1:
+            try:
+                dst.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
+        return
+    with lock:
+        if session.pumps > 1:
+            _tls_close_notify(dst)
+            return
+        try:
+            dst.unwrap()
+        except (OSError, ValueError):
+            pass                           # sent, or the peer is gone: close() follows
+
+
+def _tls_failed(session, exc, side):
+    """_failed() for TLS errors: the session (only) is reset, the reason
+    logged (at debug level when the peer just went away)."""
+    if not isinstance(exc, ssl.SSLError):
+        _failed(session, exc, side)
+        return
+    if session.closed_reason is not None:
+        return
+    _ratelimited.log(logging.DEBUG if isinstance(exc, ssl.SSLEOFError) else logging.WARNING,
+                     ("tls-error", session.listen_port), "%d: session %d: TLS error from "
+                     "the %s: %s; resetting it", session.listen_port, session.id, side, exc)
+    session.abort("%s TLS error (%s)" % (side, getattr(exc, "reason", None) or exc), reset=True)
 
 
 def _end_of_stream(session, dst, libc):
@@ -2307,7 +2825,7 @@ class _Exposition:
 
 
 REFUSAL_REASONS = ("allow", "limit", "draining")
-FAILURE_REASONS = ("resolve", "refused", "timeout", "unreachable", "other")
+FAILURE_REASONS = ("resolve", "refused", "timeout", "unreachable", "tls", "other")
 
 
 def metrics_text(proxy):
@@ -2370,6 +2888,15 @@ def metrics_text(proxy):
                [((("mapping", port), ("host", host), ("result", result)),
                  info["lookups_" + result]) for port, host, info in dns
                 for result in ("ok", "failed")])
+    tls_failures = proxy.tls.failures()               # TLS
+    out.family("tcpproxy_tls_handshake_failures_total", "counter",
+               "TLS handshakes failed, by side (client, upstream) and reason.",
+               [((("mapping", port), ("side", side), ("reason", reason)),
+                 tls_failures.get((port, side, reason), 0))
+                for port, server in sorted(servers.items()) if server.tls is not None
+                for side, on in (("client", server.tls.tls_cert),
+                                 ("upstream", server.tls.upstream_tls)) if on
+                for reason in TLS_FAILURE_REASONS])
     out.family("tcpproxy_mapping_failing", "gauge",
                "Connection attempts failed since the last success.",
                [((("mapping", port),), server.failing) for port, server in sorted(servers.items())])
@@ -2458,7 +2985,8 @@ def status_report(proxy):
             "expires_in": dns_info["expires_in"], "stale": dns_info["stale"],
             "dns_error": dns_info["error"], "failing": server.failing,
             "allow": [str(n) for n in mapping.allow],
-            "max_connections": mapping.max_connections}))
+            "max_connections": mapping.max_connections,
+            "tls": TlsContexts.describe(server.tls)}))
     for spec, reason in sorted(failures.items()):
         reasons.append("%s: %s" % (spec, reason))
     if not backend.get("ok", True):
@@ -2470,6 +2998,7 @@ def status_report(proxy):
             warnings.append("backend failing: %s" % backend["last_error"])
         if backend.get("warning"):
             warnings.append("backend: %s" % backend["warning"])
+    warnings.extend(proxy.tls.warnings())             # TLS: certificates that did not load
     return {"ok": not reasons, "reason": "; ".join(reasons) or "OK",
             "warnings": reasons + warnings,
             "version": __version__, "name": proxy.name,
@@ -2489,14 +3018,16 @@ class Proxy:
     connections(), status(), stop(timeout, drain), set_backend_state();
     use it as a context manager to start and stop it.  Keyword arguments
     are the command line's options (see build_parser()); *splice* and
-    *libc_io* choose the fast paths (default: where available).
+    *libc_io* choose the fast paths (default: where available); *tls* is a
+    {TLS_FIELDS name: value} dict that applies to every mapping that does
+    not set its own.
     """
 
     def __init__(self, mappings=(), *, listen_host="0.0.0.0", resolver=None,
                  connect_timeout=DEFAULT_CONNECT_TIMEOUT, close_on_dns_change=False,
                  name=None, status_address=None, status_allow=(), backend_info=None,
                  idle_timeout=None, allow=(), max_connections=0, splice=None,
-                 libc_io=None):
+                 libc_io=None, tls=None):
         self.listen_host = listen_host
         self.resolver = resolver if resolver is not None else Resolver()
         self.connect_timeout = connect_timeout
@@ -2508,6 +3039,7 @@ class Proxy:
         self.allow = parse_allow(allow, "--allow")
         self.max_connections = check_limit(max_connections, "--max-connections")
         self.registry = Registry()
+        self.tls = TlsContexts(tls)      # TLS: *tls* is the command line's TLS_FIELDS
         self.workers = _WorkerPool()
         self.spare = _SpareDescriptor()
         self.libc, self.buffers, self.pipes = _fast_paths(splice, libc_io)
@@ -3079,6 +3611,20 @@ def build_parser(environ=None):
     add("--connect-timeout", type=_arg_type(_seconds), default=DEFAULT_CONNECT_TIMEOUT,
         metavar="SECONDS", help="per upstream address attempt (default %g)"
         % DEFAULT_CONNECT_TIMEOUT)
+    # TLS: defaults for every mapping (a YAML or DynamoDB mapping may set its own)
+    add("--upstream-tls", action="store_true", default=None,
+        help="TLS to the upstream (verified: system CAs or --upstream-ca; the target "
+             "name is the SNI and the name checked)")
+    add("--upstream-ca", metavar="FILE", help="CA certificates (PEM) to verify upstreams "
+        "with, instead of the system's")
+    add("--upstream-sni", metavar="NAME", help="server name to send and verify instead of "
+        "the target's")
+    add("--upstream-cert", metavar="FILE", help="client certificate (PEM) for the upstream "
+        "(mutual TLS)")
+    add("--upstream-key", metavar="FILE", help="its key (default: in --upstream-cert)")
+    add("--tls-cert", metavar="FILE", help="serve clients TLS with this certificate chain "
+        "(PEM; re-read on change and on SIGHUP)")
+    add("--tls-key", metavar="FILE", help="its key (default: in --tls-cert)")
     add("--close-on-dns-change", action="store_true",
         help="close connections whose upstream address left the DNS answer")
     add("--allow", action="append", default=[], metavar="CIDR",
@@ -3149,6 +3695,10 @@ def parse_args(argv=None, environ=None):
         args.status_allow_networks = parse_allow(args.status_allow or None, "--status-allow")
     except ConfigError as exc:
         parser.error(str(exc))
+    try:                                                   # TLS
+        args.tls = check_tls({name: getattr(args, name) for name in TLS_FIELDS})
+    except ConfigError as exc:
+        parser.error("argument --%s" % str(exc).replace("_", "-"))
     if isinstance(args.cpus, set) and hasattr(os, "sched_getaffinity"):
         allowed = os.sched_getaffinity(0)
         if not args.cpus & allowed:
@@ -3364,7 +3914,7 @@ def _serve(args, signals):
                           "name": args.backend, "ok": False,
                           "error": "no successful poll yet"},
                       idle_timeout=args.idle_timeout, allow=args.allow_networks,
-                      max_connections=args.max_connections)
+                      max_connections=args.max_connections, tls=args.tls)
         signals.proxy = proxy
         if not signals.stop.is_set():
             proxy.start()
@@ -3375,6 +3925,7 @@ def _serve(args, signals):
             notifier.ping()
             if signals.reload.is_set():
                 signals.reload.clear()
+                proxy.tls.reload()                         # TLS: certificates
                 _reload(poller, notifier, args.backend)
                 notifier.notify("READY=1", "STATUS=" + _summary(proxy))
         log.warning("stopping (signal received)", extra={"event": "stop"})

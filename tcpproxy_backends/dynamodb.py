@@ -6,6 +6,9 @@ Table (default ``classic-proxy``):
     proxy_configuration  S  range key   "LPORT:HOST:RPORT"
     allow                   optional    list (L or SS) or comma string (S) of CIDRs
     max_connections      N  optional    per-mapping connection limit (0: none)
+    upstream_tls         BOOL optional  TLS to the upstream (or S "true"/"false")
+    upstream_ca, upstream_sni, upstream_cert, upstream_key, tls_cert, tls_key
+                         S  optional    the other TLS settings (tcpproxy.TLS_FIELDS)
 
 Every poll Queries the items of ``proxy_name = --proxy`` (never a Scan) and
 follows LastEvaluatedKey to the end, so any number of items apply.  Region and
@@ -23,7 +26,7 @@ import logging
 import sys
 
 import tcpproxy
-from tcpproxy import BackendError, ConfigError, Mapping, check_limit, parse_allow
+from tcpproxy import TLS_FIELDS, BackendError, ConfigError, Mapping, check_limit, parse_allow
 
 from .aws import CONNECT_TIMEOUT, READ_TIMEOUT, aws_reason, import_boto3, make_client
 
@@ -40,7 +43,7 @@ def _plain(value):
     if not isinstance(value, dict) or len(value) != 1:
         raise ValueError("unexpected attribute value %r" % (value,))
     (kind, data), = value.items()
-    if kind in ("S", "SS", "N", "NS"):
+    if kind in ("S", "SS", "N", "NS", "BOOL"):
         return data
     if kind == "L":
         return [_plain(item) for item in data]
@@ -71,6 +74,13 @@ def _item_mapping(item):
         maximum = check_limit(_plain(maximum))
         if maximum:
             options["max_connections"] = maximum
+    for name in TLS_FIELDS:
+        if name in item:
+            value = item[name]
+            if not isinstance(value, dict) or next(iter(value), None) not in ("S", "BOOL", "NULL"):
+                raise ValueError("%s must be a string%s" % (
+                    name, " or a boolean" if name == "upstream_tls" else ""))
+            options[name] = _plain(value)
     return Mapping.parse(spec["S"], **options)
 
 
@@ -145,10 +155,13 @@ class Backend:
         request = {
             "TableName": self.table,
             "KeyConditionExpression": "#p = :p",
-            "ExpressionAttributeNames": {"#p": HASH_KEY, "#c": RANGE_KEY,
-                                         "#a": "allow", "#m": "max_connections"},
+            "ExpressionAttributeNames": dict({"#p": HASH_KEY, "#c": RANGE_KEY,
+                                              "#a": "allow", "#m": "max_connections"},
+                                             **{"#t%d" % i: name for i, name in
+                                                enumerate(TLS_FIELDS)}),
             "ExpressionAttributeValues": {":p": {"S": self.proxy}},
-            "ProjectionExpression": "#c, #a, #m",
+            "ProjectionExpression": "#c, #a, #m, " + ", ".join(
+                "#t%d" % i for i in range(len(TLS_FIELDS))),
             "ConsistentRead": True,
         }
         if self.page_limit:

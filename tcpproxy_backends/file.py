@@ -7,6 +7,9 @@
         target: db.example.com:5432     # or: host: db.example.com / port: 5432
         allow: [10.0.0.0/8]             # optional: clients allowed on this port
         max_connections: 100            # optional: per-mapping limit (0: none)
+        upstream_tls: true              # optional TLS (see tcpproxy.TLS_FIELDS): also
+        upstream_ca: /etc/ssl/ca.pem    # upstream_sni, upstream_cert, upstream_key,
+                                        # tls_cert, tls_key
       - "8003:cache.example.com:6379"   # short form
 
 The file is checked every second (``interval = 1.0``): a poll whose file has
@@ -37,15 +40,15 @@ import os
 import stat
 import time
 
-from tcpproxy import (BackendError, ConfigError, ConfigPending, ConfigRejected, Mapping,
-                      ProxyError, check_limit, check_port, check_unique_ports, parse_allow,
-                      short_repr)
+from tcpproxy import (TLS_FIELDS, BackendError, ConfigError, ConfigPending, ConfigRejected,
+                      Mapping, ProxyError, check_limit, check_port, check_unique_ports,
+                      parse_allow, short_repr)
 
 __all__ = ["Backend", "parse_config", "MAX_BYTES", "MAX_NODES", "SETTLE"]
 
 log = logging.getLogger(__name__)
 
-ITEM_KEYS = ("listen", "target", "host", "port", "allow", "max_connections")
+ITEM_KEYS = ("listen", "target", "host", "port", "allow", "max_connections") + TLS_FIELDS
 MAX_BYTES = 1024 * 1024      # --config-max-bytes raises it
 MAX_NODES = 100000           # YAML nodes after alias expansion
 SETTLE = 1.0                 # a changed file is read once its mtime is this old
@@ -161,6 +164,7 @@ def _item_mapping(item):
     options = {"max_connections": check_limit(item.get("max_connections"))}
     if "allow" in item:
         options["allow"] = parse_allow(item["allow"], "allow")
+    options.update((name, item[name]) for name in TLS_FIELDS if name in item)
     return Mapping.parse(spec, **options)
 
 

@@ -24,11 +24,17 @@ NONE = type(None)
 SESSION = {                                # Session.to_dict(), one per connection
     "id": int, "mapping": int, "target": str, "client": str, "upstream": (str, NONE),
     "state": str, "started": str, "seconds": float, "bytes_up": int, "bytes_down": int,
+    "tls": (dict, NONE),                   # {"client": TLS_SIDE or None, "upstream": ...}
+}
+TLS_SETTINGS = {                           # a mapping's TLS settings (TLS_FIELDS)
+    "upstream_tls": bool, "upstream_ca": (str, NONE), "upstream_sni": (str, NONE),
+    "upstream_cert": (str, NONE), "upstream_key": (str, NONE), "tls_cert": (str, NONE),
+    "tls_key": (str, NONE),
 }
 MAPPING = {                                # Proxy.status()["mappings"][i]
     "spec": str, "listen": str, "target": str, "listening": bool,
     "addresses": [str], "expires_in": (float, NONE), "stale": bool, "dns_error": (str, NONE),
-    "allow": [str], "max_connections": int,
+    "allow": [str], "max_connections": int, "tls": TLS_SETTINGS,
     "active": int, "total": int, "bytes_up": int, "bytes_down": int, "refused": int,
     "failed": int, "failing": int,
 }
