@@ -7,6 +7,8 @@
         target: db.example.com:5432     # or: host: db.example.com / port: 5432
         allow: [10.0.0.0/8]             # optional: clients allowed on this port
         max_connections: 100            # optional: per-mapping limit (0: none)
+        send_proxy: v2                  # optional: PROXY protocol header upstream (v1, v2)
+        accept_proxy: true              # optional: clients start with a PROXY header
       - "8003:cache.example.com:6379"   # short form
 
 The file is checked every second (``interval = 1.0``): a poll whose file has
@@ -38,14 +40,15 @@ import stat
 import time
 
 from tcpproxy import (BackendError, ConfigError, ConfigPending, ConfigRejected, Mapping,
-                      ProxyError, check_limit, check_port, check_unique_ports, parse_allow,
-                      short_repr)
+                      ProxyError, check_flag, check_limit, check_port, check_proxy_version,
+                      check_unique_ports, parse_allow, short_repr)
 
 __all__ = ["Backend", "parse_config", "MAX_BYTES", "MAX_NODES", "SETTLE"]
 
 log = logging.getLogger(__name__)
 
-ITEM_KEYS = ("listen", "target", "host", "port", "allow", "max_connections")
+ITEM_KEYS = ("listen", "target", "host", "port", "allow", "max_connections", "send_proxy",
+             "accept_proxy")
 MAX_BYTES = 1024 * 1024      # --config-max-bytes raises it
 MAX_NODES = 100000           # YAML nodes after alias expansion
 SETTLE = 1.0                 # a changed file is read once its mtime is this old
@@ -156,6 +159,10 @@ def _item_mapping(item):
     options = {"max_connections": check_limit(item.get("max_connections"))}
     if "allow" in item:
         options["allow"] = parse_allow(item["allow"], "allow")
+    if "send_proxy" in item:
+        options["send_proxy"] = check_proxy_version(item["send_proxy"])
+    if "accept_proxy" in item:
+        options["accept_proxy"] = check_flag(item["accept_proxy"])
     return Mapping.parse(spec, **options)
 
 
