@@ -43,19 +43,10 @@ NLB_TLVS = (tlv(0xEA, b"\x01vpce-0123456789abcdef0") + tlv(0x01, b"h2")
             + tlv(0x04, b"\x00" * 5))
 
 
-def bound_client(address, source=CLIENT4, timeout=5.0):
+def bound_client(address, source=CLIENT4):
     """A connection to ``address`` from ``source`` (so the real client is
     told apart from the proxy and HAProxy, which use 127.0.0.1)."""
-    family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.settimeout(timeout)
-    try:
-        sock.bind((source, 0))
-        sock.connect(address)
-    except BaseException:
-        sock.close()
-        raise
-    return sock
+    return connect(address, source=source)
 
 
 def unread(local_port, remote_port):
@@ -76,7 +67,7 @@ def sessions(status_address):
 
 # -- send: HAProxy with accept-proxy is the real consumer ---------------------
 
-HAPROXY_ACCEPT = """\
+HAPROXY_HEAD = """\
 global
     log stdout format raw local0
 defaults
@@ -85,6 +76,9 @@ defaults
     timeout connect 5s
     timeout client 30s
     timeout server 30s
+"""
+
+HAPROXY_ACCEPT = HAPROXY_HEAD + """\
 frontend front
     bind 127.0.0.1:%(port4)d accept-proxy
     bind [::1]:%(port6)d accept-proxy
@@ -141,15 +135,7 @@ def test_send_proxy_is_off_by_default(start_proxy, listener):
 
 # -- accept: HAProxy with send-proxy / send-proxy-v2 is the real producer ------
 
-HAPROXY_SEND = """\
-global
-    log stdout format raw local0
-defaults
-    mode tcp
-    log global
-    timeout connect 5s
-    timeout client 30s
-    timeout server 30s
+HAPROXY_SEND = HAPROXY_HEAD + """\
 listen front
     bind 127.0.0.1:%(port)d
     server proxy 127.0.0.1:%(lport)d %(option)s
