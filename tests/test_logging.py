@@ -26,7 +26,7 @@ def roundtrip(port, data=b"hello"):
 def test_json_lines_carry_each_event(tmp_path, dns_server):
     name = "db.logging.test"
     path = tmp_path / "m.yaml"
-    with EchoServer(host="127.0.0.2") as a, EchoServer(host="127.0.0.3", port=a.port) as b:
+    with EchoServer(host="127.0.0.2") as a, EchoServer(host="127.0.0.3", port=a.port):
         dns_server.set(name, ["127.0.0.2"], ttl=1)
         lport = free_port()
         path.write_text("mappings:\n  - '%d:%s:%d'\n" % (lport, name, a.port))
