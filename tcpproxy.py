@@ -40,6 +40,8 @@ Map of this file, in the order a connection's data flows through it:
                            fail-over loop; start the pumps; close), pump();
                            TLS: tls_accept() (termination), tls_connect()
                            (origination), tls_pump(), TlsContexts
+                           PROXY protocol: read_proxy_header(),
+                           proxy_header() (--accept-proxy, --send-proxy)
     Linux fast paths       copy buffers, libc recv/send, splice pipes, CPU
                            pinning
     Status server          StatusServer: /status, /connections, /metrics and
@@ -55,6 +57,7 @@ __all__ = [
     "ResolveError",
     "short_repr", "check_port", "parse_hostport", "parse_allow", "check_limit", "check_unique_ports",
     "check_tls", "TLS_FIELDS", "TlsContexts",
+    "check_proxy_version", "check_flag", "proxy_header", "parse_proxy_header",
     "Mapping", "parse_connections", "Resolver", "Registry", "Session",
     "ProxyServer", "StatusServer", "Proxy", "BackendPoller", "load_backend",
     "parse_cpus", "pin_cpus", "JsonFormatter", "main",
@@ -124,6 +127,10 @@ SPLICE_F_NONBLOCK = getattr(os, "SPLICE_F_NONBLOCK", 2)
 F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 _TIMEVAL_ZERO = struct.pack("ll", 0, 0)
 _LINGER_RESET = struct.pack("ii", 1, 0)     # SO_LINGER on, 0 s: close() resets
+PROXY_HEADER_TIMEOUT = 3.0         # --accept-proxy: the whole header within this
+PROXY_V1_MAX = 107                 # the longest v1 line, CRLF included (the spec's bound)
+PROXY_V2_MAX = 4096                # a longer v2 header (16 + length) is refused
+PROXY_V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
 
 # Errors that mean "the peer went away" (or was never there): logged at
 # debug level.  Any other errno on a session's socket (EBADF, ENOTCONN,
@@ -381,6 +388,31 @@ def check_limit(value, what="max_connections"):
     raise ConfigError("%s %s is not a whole number of 0 or more" % (what, short_repr(value)))
 
 
+def check_proxy_version(value, what="send_proxy"):
+    """Return the PROXY protocol version to send: "v1", "v2", or "" (off)
+    for None, an empty string or False.  Raises ConfigError naming *what*."""
+    if value is None or value is False:
+        return ""
+    if isinstance(value, str) and value.strip().lower() in ("", "v1", "v2"):
+        return value.strip().lower()
+    raise ConfigError("%s %s is not v1 or v2" % (what, short_repr(value)))
+
+
+_TRUE = ("true", "yes", "on", "1")
+_FALSE = ("false", "no", "off", "0", "")
+
+
+def check_flag(value, what="flag"):
+    """Return True, False or None (not set) from a bool, None or a string
+    such as true/false, yes/no, on/off, 1/0; raise ConfigError naming
+    *what*."""
+    if value is None or isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in _TRUE + _FALSE:
+        return value.strip().lower() in _TRUE
+    raise ConfigError("%s %s is not true or false" % (what, short_repr(value)))
+
+
 def check_unique_ports(entries):
     """Raise ConfigError when two of ``[(label, Mapping), ...]`` share a
     listen port, naming both; return the mappings."""
@@ -398,17 +430,6 @@ def check_unique_ports(entries):
 # "not set here": the proxy's own (the command line's) applies.
 TLS_FIELDS = ("upstream_tls", "upstream_ca", "upstream_sni", "upstream_cert", "upstream_key",
               "tls_cert", "tls_key")
-_TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
-
-
-def check_flag(value, what="flag"):
-    """Return True, False or None (not set) from a bool or a string such as
-    "true"/"false"; raise ConfigError naming *what*."""
-    if value is None or isinstance(value, bool):
-        return value
-    if isinstance(value, str) and value.strip().lower() in _TRUE + _FALSE:
-        return value.strip().lower() in _TRUE
-    raise ConfigError("%s %s is not true or false" % (what, short_repr(value)))
 
 
 def check_file(value, what="file"):
@@ -466,7 +487,9 @@ class Mapping:
 
     *allow* (CIDR strings or networks) limits which clients may connect;
     *max_connections* (0 = unlimited) caps concurrent clients; the
-    TLS_FIELDS turn on TLS to the upstream or for clients.  Mappings
+    TLS_FIELDS turn on TLS to the upstream or for clients.
+    *send_proxy* ("v1", "v2" or "": off) sends a PROXY protocol header
+    upstream; *accept_proxy* requires one from every client.  Mappings
     are values: two equal mappings mean the same thing, and a
     configuration change is a difference of sets keyed by *listen_port*.
     """
@@ -484,6 +507,8 @@ class Mapping:
     upstream_key: str = None
     tls_cert: str = None
     tls_key: str = None
+    send_proxy: str = ""
+    accept_proxy: bool = False
 
     def __post_init__(self):
         spec = "%s:%s:%s" % (self.listen_port, self.host, self.port)
@@ -495,6 +520,9 @@ class Mapping:
             object.__setattr__(self, "max_connections", check_limit(self.max_connections))
             for name, value in check_tls({n: getattr(self, n) for n in TLS_FIELDS}).items():
                 object.__setattr__(self, name, value)          # TLS
+            object.__setattr__(self, "send_proxy", check_proxy_version(self.send_proxy))
+            object.__setattr__(self, "accept_proxy",
+                               bool(check_flag(self.accept_proxy, "accept_proxy")))
         except ConfigError as exc:
             raise ConfigError("invalid connection %s: %s" % (short_repr(spec), exc)) from None
         host = str(self.host or "").strip()
@@ -545,14 +573,15 @@ class Mapping:
         return self.spec
 
 
-def parse_connections(values):
+def parse_connections(values, **options):
     """Parse ``--connections`` values: each is split on commas and white
-    space.  Raises ConfigError on a bad spec or a duplicate listen port."""
+    space; *options* are given to every Mapping.  Raises ConfigError on a
+    bad spec or a duplicate listen port."""
     entries = []
     for value in values or ():
         for spec in re.split(r"[,\s]+", str(value).strip()):
             if spec:
-                entries.append((repr(spec), Mapping.parse(spec)))
+                entries.append((repr(spec), Mapping.parse(spec, **options)))
     return check_unique_ports(entries)
 
 
@@ -887,7 +916,7 @@ class Session:
     __slots__ = ("id", "listen_port", "target", "client", "upstream_address",
                  "started", "opened", "connected", "last_up", "last_down", "bytes_up",
                  "bytes_down", "lock", "client_sock", "upstream_sock", "closed_reason",
-                 "state", "pumps", "tls")
+                 "state", "pumps", "tls", "proxy_protocol")
 
     def __init__(self, sid, listen_port, target, client, client_sock):
         self.id = sid
@@ -908,6 +937,7 @@ class Session:
         self.state = "connecting"
         self.pumps = 2
         self.tls = None                  # TLS: {"client": ..., "upstream": ...} (see _tls_info)
+        self.proxy_protocol = None       # a _ProxyProtocol when the mapping uses it
 
     @property
     def last_active(self):
@@ -1363,6 +1393,7 @@ class ProxyServer(socketserver.ThreadingTCPServer):
     request_queue_size = LISTEN_BACKLOG
     daemon_threads = False
     block_on_close = False            # the Registry says when sessions end
+    _pp_admitted = None               # PROXY protocol: set by admit_proxied_peer()
 
     def __init__(self, mapping, proxy, listen_host="0.0.0.0"):
         self.mapping = mapping
@@ -1403,6 +1434,8 @@ class ProxyServer(socketserver.ThreadingTCPServer):
     def verify_request(self, request, client_address):
         """The allow lists (--allow and the mapping's own)."""
         proxy, mapping = self.proxy, self.mapping
+        if mapping.accept_proxy:          # PROXY protocol: allow lists after the header
+            return admit_proxied_peer(self, mapping, client_address)
         if not (proxy.allow or mapping.allow) or (
                 _allowed(client_address[0], proxy.allow)
                 and _allowed(client_address[0], mapping.allow)):
@@ -1418,6 +1451,10 @@ class ProxyServer(socketserver.ThreadingTCPServer):
         start serve_client() on a worker, reserving a second worker for
         its other pump (see _WorkerPool.reserve)."""
         proxy, mapping = self.proxy, self.mapping   # a snapshot: apply() may swap it
+        # PROXY protocol: the mapping verify_request() admitted a header under wins.
+        pp = self._pp_admitted or (mapping if mapping.send_proxy else None)
+        if pp is not None:
+            self._pp_admitted = None
         session = proxy.registry.open(self.port, mapping.target, client_address, request,
                                       mapping.max_connections, proxy.max_connections)
         if session is None:
@@ -1426,6 +1463,8 @@ class ProxyServer(socketserver.ThreadingTCPServer):
                              self.port, _format_hostport(*client_address[:2]))
             _reset_close(request)
             return
+        if pp is not None:                # PROXY protocol
+            session.proxy_protocol = _ProxyProtocol(pp)
         workers = proxy.workers
         partner = None
         try:
@@ -1524,8 +1563,12 @@ def serve_client(proxy, listener, session, partner):
         if proxy.state != "running":
             proxy.registry.count_refused(session.listen_port, "draining")
             session.abort("proxy is stopping")
+        elif session.proxy_protocol is not None and not read_proxy_header(proxy, session):
+            pass                          # PROXY protocol: refused (logged, counted)
         elif tls_accept(proxy, listener, session):         # TLS: the client's handshake
             upstream = connect_upstream(proxy, listener, session)
+            if upstream is not None and session.proxy_protocol is not None:  # PROXY protocol
+                upstream = send_proxy_header(proxy, session, upstream)
             upstream = tls_connect(proxy, listener, session, upstream)     # TLS
             if upstream is None:
                 listener.failing += 1
@@ -1654,6 +1697,216 @@ def _send_timeout(libc, sock, timeval):
 # Why the last connect attempt failed, for /metrics.
 _FAILURE_KINDS = {errno.ECONNREFUSED: "refused", errno.ETIMEDOUT: "timeout",
                   errno.EHOSTUNREACH: "unreachable", errno.ENETUNREACH: "unreachable"}
+
+
+# PROXY protocol ----------------------------------------------------------------
+#
+# --accept-proxy: a load balancer (HAProxy, AWS NLB) starts every connection
+# with a header naming the real client.  serve_client() reads it before it
+# connects upstream: only the header's bytes (exact lengths, and MSG_PEEK for
+# the v1 line's end), within PROXY_HEADER_TIMEOUT and a size bound; the allow
+# lists then judge the real client, which /connections and the logs show.
+# --send-proxy: after the upstream connect, one send of a v1 or v2 header
+# naming the client and the address it connected to.  Mappings without
+# either option pay one attribute check per connection.
+# Specification: https://www.haproxy.org/download/2.6/doc/proxy-protocol.txt
+
+class _ProxyProtocol:
+    """A session's PROXY protocol state: its mapping (as admitted) and the
+    destination a received header named (forwarded by --send-proxy)."""
+
+    __slots__ = ("mapping", "local")
+
+    def __init__(self, mapping):
+        self.mapping = mapping
+        self.local = None
+
+
+def admit_proxied_peer(server, mapping, client_address):
+    """verify_request() of an --accept-proxy mapping: the peer (the load
+    balancer) must be in --accept-proxy-from; the allow lists wait for the
+    header (read_proxy_header)."""
+    networks = server.proxy.accept_proxy_from
+    if not networks or _allowed(client_address[0], networks):
+        server._pp_admitted = mapping
+        return True
+    _refuse_proxied(server.proxy, server.port, client_address[0], "not in --accept-proxy-from")
+    return False
+
+
+def _refuse_proxied(proxy, port, peer, reason):
+    proxy.registry.count_refused(port, "proxy_protocol")
+    _ratelimited.log(logging.WARNING, ("proxy_protocol", port),
+                     "%d: refused client %s: PROXY protocol: %s", port, peer, reason)
+
+
+def read_proxy_header(proxy, session):
+    """Read and apply the client's PROXY header when the session's mapping
+    accepts one, then apply the allow lists to the real client; True when
+    the session goes on.  A refusal is logged (rate-limited), counted and
+    aborts the session."""
+    state = session.proxy_protocol
+    mapping = state.mapping
+    if not mapping.accept_proxy:
+        return True
+    port, peer = session.listen_port, session.client[0]
+    try:
+        source, destination = parse_proxy_header(
+            _recv_proxy_header(session.client_sock, time.monotonic() + PROXY_HEADER_TIMEOUT))
+    except (ValueError, OSError) as exc:
+        if session.closed_reason is None:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+            _refuse_proxied(proxy, port, peer, reason)
+            session.abort("PROXY protocol: %s" % reason, reset=True)
+        return False
+    if source is not None:                # LOCAL, UNKNOWN: the peer's own address
+        session.client, state.local = source, destination
+    client = session.client[0]
+    if (proxy.allow or mapping.allow) and not (
+            _allowed(client, proxy.allow) and _allowed(client, mapping.allow)):
+        proxy.registry.count_refused(port)
+        _ratelimited.log(logging.WARNING, ("acl", port), "%d: refused client %s (via %s): "
+                         "not in the allow list", port, client, peer)
+        session.abort("not in the allow list", reset=True)
+        return False
+    return True
+
+
+def _recv_proxy_header(sock, deadline):
+    """The header's bytes from *sock*, and not one byte more; ValueError
+    when it is missing, too long, cut short or late."""
+    poller = select.poll()
+    poller.register(sock, select.POLLIN | select.POLLPRI)
+
+    def take(size, flags=0):              # up to size bytes, waiting for the first
+        left = deadline - time.monotonic()
+        if left <= 0 or not poller.poll(left * 1000):
+            raise ValueError("no complete header within %g s" % PROXY_HEADER_TIMEOUT)
+        data = sock.recv(size, flags | socket.MSG_DONTWAIT)
+        if not data:
+            raise ValueError("closed before the end of the header (%d bytes)" % len(head))
+        return data
+
+    def exact(size):
+        data = b""
+        while len(data) < size:
+            data += take(size - len(data))
+        return data
+
+    head = b""
+    while len(head) < 6 and (b"PROXY ".startswith(head)
+                             or PROXY_V2_SIGNATURE.startswith(head)):
+        head += take(6 - len(head))
+    if head == b"PROXY ":                 # v1: a line; peek for its end
+        while len(head) < PROXY_V1_MAX:
+            peeked = take(PROXY_V1_MAX - len(head), socket.MSG_PEEK)
+            end = peeked.find(b"\n")
+            head += exact(len(peeked) if end < 0 else end + 1)
+            if end >= 0:
+                return head
+        raise ValueError("v1 line longer than %d bytes" % PROXY_V1_MAX)
+    if head != PROXY_V2_SIGNATURE[:6]:
+        raise ValueError("no header: the connection began with %r" % head)
+    head += exact(10)
+    if head[:12] != PROXY_V2_SIGNATURE:
+        raise ValueError("no header: the connection began with %r" % head)
+    length = struct.unpack("!H", head[14:16])[0]
+    if 16 + length > PROXY_V2_MAX:
+        raise ValueError("v2 header of %d bytes (at most %d)" % (16 + length, PROXY_V2_MAX))
+    return head + exact(length)
+
+
+def parse_proxy_header(data):
+    """Return ``((client ip, port), (destination ip, port))`` from a whole
+    v1 line or v2 header, or ``(None, None)`` for a v2 LOCAL command, v1
+    UNKNOWN or an address family without addresses (use the peer's own).
+    v2 TLVs are skipped.  Raises ValueError naming what is wrong."""
+    if data.startswith(PROXY_V2_SIGNATURE):
+        body = data[16:16 + struct.unpack("!H", data[14:16])[0]]
+        version, command, family, transport = data[12] >> 4, data[12] & 15, \
+            data[13] >> 4, data[13] & 15
+        if version != 2:
+            raise ValueError("v2 header with version %d" % version)
+        if command == 0:                  # LOCAL: the balancer's own (health check)
+            return None, None
+        if command != 1 or transport > 1 or family > 3:
+            raise ValueError("v2 header with command %#x, family %#04x" % (data[12], data[13]))
+        if family in (0, 3):              # UNSPEC, UNIX
+            return None, None
+        af, size = (socket.AF_INET, 4) if family == 1 else (socket.AF_INET6, 16)
+        if len(body) < 2 * size + 4:
+            raise ValueError("v2 %s addresses need %d bytes, the header has %d"
+                             % ("TCP4" if family == 1 else "TCP6", 2 * size + 4, len(body)))
+        sport, dport = struct.unpack("!HH", body[2 * size:2 * size + 4])
+        return ((socket.inet_ntop(af, body[:size]), sport),
+                (socket.inet_ntop(af, body[size:2 * size]), dport))
+    if not data.endswith(b"\r\n"):
+        raise ValueError("v1 line not ended by CRLF: %r" % data)
+    parts = data[:-2].split(b" ")
+    if parts[:2] == [b"PROXY", b"UNKNOWN"]:
+        return None, None
+    try:
+        if len(parts) != 6 or parts[0] != b"PROXY" or parts[1] not in (b"TCP4", b"TCP6") \
+                or not all(_DIGITS.fullmatch(p.decode()) for p in parts[4:]):
+            raise ValueError
+        af = socket.AF_INET if parts[1] == b"TCP4" else socket.AF_INET6
+        src, dst = (socket.inet_ntop(af, socket.inet_pton(af, p.decode())) for p in parts[2:4])
+        sport, dport = int(parts[4]), int(parts[5])
+        if sport > 65535 or dport > 65535:
+            raise ValueError
+    except (ValueError, OSError, UnicodeDecodeError):
+        raise ValueError("malformed v1 line %r" % data) from None
+    return (src, sport), (dst, dport)
+
+
+def _plain_ip(address):
+    """An address as the header carries it: no scope, IPv4-mapped as IPv4."""
+    address = address.split("%", 1)[0]
+    if address.startswith("::ffff:") and "." in address:
+        return address[7:]
+    return address
+
+
+def proxy_header(version, source, destination):
+    """The PROXY header ("v1" or "v2") for a TCP connection from *source*
+    to *destination* ((ip, port, ...) tuples); an IPv4-mapped address is
+    sent as TCP4.  When the families differ: v1 UNKNOWN, v2 UNSPEC."""
+    src, dst = _plain_ip(source[0]), _plain_ip(destination[0])
+    six = ":" in src
+    if six != (":" in dst):
+        return b"PROXY UNKNOWN\r\n" if version == "v1" else \
+            PROXY_V2_SIGNATURE + b"\x21\x00\x00\x00"
+    if version == "v1":
+        return ("PROXY %s %s %s %d %d\r\n" % ("TCP6" if six else "TCP4", src, dst,
+                                              source[1], destination[1])).encode()
+    af = socket.AF_INET6 if six else socket.AF_INET
+    return (PROXY_V2_SIGNATURE + (b"\x21\x21\x00\x24" if six else b"\x21\x11\x00\x0c")
+            + socket.inet_pton(af, src) + socket.inet_pton(af, dst)
+            + struct.pack("!HH", source[1], destination[1]))
+
+
+def send_proxy_header(proxy, session, upstream):
+    """--send-proxy: write the header on the just connected *upstream*,
+    before any client byte; return *upstream*, or None when it failed (the
+    session aborted)."""
+    state = session.proxy_protocol
+    version = state.mapping.send_proxy
+    if not version:
+        return upstream
+    try:
+        local = state.local or session.client_sock.getsockname()
+        upstream.sendall(proxy_header(version, session.client, local))
+        return upstream
+    except OSError as exc:
+        if session.closed_reason is None:
+            _ratelimited.log(logging.WARNING, ("send_proxy", session.listen_port),
+                             "%d: closing client %s: cannot send the PROXY header to %s: %s",
+                             session.listen_port, _format_hostport(*session.client[:2]),
+                             _format_hostport(*session.upstream_address[:2]),
+                             exc.strerror or exc)
+            proxy.registry.count_failed(session.listen_port, "other")
+            session.abort("upstream reset (PROXY header)", reset=True)
+        return None
 
 
 def finish_session(proxy, session):
@@ -3027,7 +3280,7 @@ class Proxy:
                  connect_timeout=DEFAULT_CONNECT_TIMEOUT, close_on_dns_change=False,
                  name=None, status_address=None, status_allow=(), backend_info=None,
                  idle_timeout=None, allow=(), max_connections=0, splice=None,
-                 libc_io=None, tls=None):
+                 libc_io=None, tls=None, accept_proxy_from=()):
         self.listen_host = listen_host
         self.resolver = resolver if resolver is not None else Resolver()
         self.connect_timeout = connect_timeout
@@ -3038,6 +3291,7 @@ class Proxy:
         self.idle_timeout = idle_timeout or None
         self.allow = parse_allow(allow, "--allow")
         self.max_connections = check_limit(max_connections, "--max-connections")
+        self.accept_proxy_from = parse_allow(accept_proxy_from, "--accept-proxy-from")
         self.registry = Registry()
         self.tls = TlsContexts(tls)      # TLS: *tls* is the command line's TLS_FIELDS
         self.workers = _WorkerPool()
@@ -3298,7 +3552,8 @@ class StaticBackend:
     interval = None
 
     def __init__(self, options, client=None):
-        self.mappings = parse_connections(getattr(options, "connections", None) or ())
+        self.mappings = parse_connections(getattr(options, "connections", None) or (),
+                                          **_mapping_options(options))
 
     def fetch(self):
         return list(self.mappings)
@@ -3633,6 +3888,14 @@ def build_parser(environ=None):
         help="at most N concurrent clients in all (default 0: no limit)")
     add("--idle-timeout", type=_arg_type(_seconds), default=None, metavar="SECONDS",
         help="close connections with no traffic either way for this long (default off)")
+    add("--send-proxy", type=_arg_type(check_proxy_version), default="", metavar="{v1,v2}",
+        help="send a PROXY protocol header naming the client to the upstreams of the "
+             "--connections mappings (default off)")
+    add("--accept-proxy", action="store_true",
+        help="the --connections mappings' clients must start with a PROXY protocol v1 or "
+             "v2 header (from a load balancer); the allow lists see the client it names")
+    add("--accept-proxy-from", action="append", default=[], metavar="CIDR",
+        help="only these peers may send PROXY headers (repeatable; default: anyone)")
     add("--drain-timeout", type=_arg_type(_seconds_or_zero),
         default=DEFAULT_DRAIN_TIMEOUT, metavar="SECONDS",
         help="on SIGTERM, let open connections finish for up to this long; a second "
@@ -3687,12 +3950,14 @@ def parse_args(argv=None, environ=None):
     except (ValueError, ConfigError) as exc:
         parser.error("argument --status: %s" % exc)
     try:
-        args.mappings = parse_connections(args.connections)
+        args.mappings = parse_connections(args.connections, **_mapping_options(args))
     except ConfigError as exc:
         parser.error("argument --connections: %s" % exc)
     try:
         args.allow_networks = parse_allow(args.allow or None, "--allow")
         args.status_allow_networks = parse_allow(args.status_allow or None, "--status-allow")
+        args.accept_proxy_from_networks = parse_allow(args.accept_proxy_from or None,
+                                                      "--accept-proxy-from")
     except ConfigError as exc:
         parser.error(str(exc))
     try:                                                   # TLS
@@ -3708,7 +3973,17 @@ def parse_args(argv=None, environ=None):
         parser.error("the static backend needs --connections LPORT:HOST:RPORT")
     if args.backend != "static" and args.mappings:
         parser.error("--connections is for the static backend, not %s" % args.backend)
+    if args.backend != "static" and (args.send_proxy or args.accept_proxy):
+        parser.error("--send-proxy and --accept-proxy are for --connections; with the %s "
+                     "backend set send_proxy / accept_proxy per mapping" % args.backend)
     return args
+
+
+def _mapping_options(args):
+    """The Mapping options that the command line gives every --connections
+    mapping (PROXY protocol)."""
+    return {"send_proxy": getattr(args, "send_proxy", ""),
+            "accept_proxy": getattr(args, "accept_proxy", False)}
 
 
 def _raise_nofile_limit():
@@ -3914,7 +4189,8 @@ def _serve(args, signals):
                           "name": args.backend, "ok": False,
                           "error": "no successful poll yet"},
                       idle_timeout=args.idle_timeout, allow=args.allow_networks,
-                      max_connections=args.max_connections, tls=args.tls)
+                      max_connections=args.max_connections, tls=args.tls,
+                      accept_proxy_from=args.accept_proxy_from_networks)
         signals.proxy = proxy
         if not signals.stop.is_set():
             proxy.start()
@@ -3979,6 +4255,10 @@ def check_config(args):
             extra.append("allow=" + ",".join(map(str, mapping.allow)))
         if mapping.max_connections:
             extra.append("max_connections=%d" % mapping.max_connections)
+        if mapping.send_proxy:
+            extra.append("send_proxy=" + mapping.send_proxy)
+        if mapping.accept_proxy:
+            extra.append("accept_proxy=true")
         sys.stdout.write(" ".join([mapping.spec] + extra) + "\n")
     for label, reason in sorted(problems.items()):
         sys.stderr.write("tcpproxy: error: %s: %s\n" % (label, reason))

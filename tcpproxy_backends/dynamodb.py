@@ -9,6 +9,8 @@ Table (default ``classic-proxy``):
     upstream_tls         BOOL optional  TLS to the upstream (or S "true"/"false")
     upstream_ca, upstream_sni, upstream_cert, upstream_key, tls_cert, tls_key
                          S  optional    the other TLS settings (tcpproxy.TLS_FIELDS)
+    send_proxy           S  optional    PROXY protocol header to the upstream: v1 or v2
+    accept_proxy    BOOL/S  optional    clients start with a PROXY header (true/false)
 
 Every poll Queries the items of ``proxy_name = --proxy`` (never a Scan) and
 follows LastEvaluatedKey to the end, so any number of items apply.  Region and
@@ -26,7 +28,8 @@ import logging
 import sys
 
 import tcpproxy
-from tcpproxy import TLS_FIELDS, BackendError, ConfigError, Mapping, check_limit, parse_allow
+from tcpproxy import (TLS_FIELDS, BackendError, ConfigError, Mapping, check_flag, check_limit,
+                      check_proxy_version, parse_allow)
 
 from .aws import CONNECT_TIMEOUT, READ_TIMEOUT, aws_reason, import_boto3, make_client
 
@@ -81,6 +84,17 @@ def _item_mapping(item):
                 raise ValueError("%s must be a string%s" % (
                     name, " or a boolean" if name == "upstream_tls" else ""))
             options[name] = _plain(value)
+    if "send_proxy" in item:
+        value = item["send_proxy"]
+        if not isinstance(value, dict) or set(value) - {"S", "NULL"} or len(value) != 1:
+            raise ValueError("send_proxy must be the string v1 or v2")
+        options["send_proxy"] = check_proxy_version(_plain(value))
+    if "accept_proxy" in item:
+        value = item["accept_proxy"]
+        if not isinstance(value, dict) or set(value) - {"BOOL", "S", "NULL"} or len(value) != 1:
+            raise ValueError("accept_proxy must be a boolean (or the string true or false)")
+        options["accept_proxy"] = bool(check_flag(value.get("BOOL", value.get("S")),
+                                                      "accept_proxy"))
     return Mapping.parse(spec["S"], **options)
 
 
@@ -156,11 +170,12 @@ class Backend:
             "TableName": self.table,
             "KeyConditionExpression": "#p = :p",
             "ExpressionAttributeNames": dict({"#p": HASH_KEY, "#c": RANGE_KEY,
-                                              "#a": "allow", "#m": "max_connections"},
+                                              "#a": "allow", "#m": "max_connections",
+                                              "#s": "send_proxy", "#x": "accept_proxy"},
                                              **{"#t%d" % i: name for i, name in
                                                 enumerate(TLS_FIELDS)}),
             "ExpressionAttributeValues": {":p": {"S": self.proxy}},
-            "ProjectionExpression": "#c, #a, #m, " + ", ".join(
+            "ProjectionExpression": "#c, #a, #m, #s, #x, " + ", ".join(
                 "#t%d" % i for i in range(len(TLS_FIELDS))),
             "ConsistentRead": True,
         }
@@ -233,6 +248,10 @@ def _parser():
                    help="per-mapping client allow list (repeatable)")
     p.add_argument("--max-connections", type=int, metavar="N",
                    help="per-mapping connection limit")
+    p.add_argument("--send-proxy", choices=("v1", "v2"),
+                   help="send a PROXY protocol header to the upstream")
+    p.add_argument("--accept-proxy", action="store_true",
+                   help="clients start with a PROXY protocol header (a load balancer)")
     p.add_argument("--replace", action="store_true",
                    help="in the same transaction delete the proxy's other items "
                         "on the same listen port (a blue-green switch)")
@@ -308,6 +327,10 @@ def _put(client, args):
         options["allow"] = {"L": [{"S": str(a)} for a in allow]}
     if maximum:
         options["max_connections"] = {"N": str(maximum)}
+    if args.send_proxy:
+        options["send_proxy"] = {"S": args.send_proxy}
+    if args.accept_proxy:
+        options["accept_proxy"] = {"BOOL": True}
     actions = []
     for mapping in mappings:
         item = dict(_key(args.proxy, mapping.spec), **options)
@@ -383,6 +406,12 @@ def _list(client, args):
                 line.append("allow=" + ",".join(map(str, parse_allow(_plain(item["allow"])))))
             if "max_connections" in item:
                 line.append("max_connections=%s" % _plain(item["max_connections"]))
+            mapping = _item_mapping(item) if {"send_proxy", "accept_proxy"} & set(item) \
+                else None
+            if mapping is not None and mapping.send_proxy:
+                line.append("send_proxy=" + mapping.send_proxy)
+            if mapping is not None and mapping.accept_proxy:
+                line.append("accept_proxy=true")
         except (ValueError, tcpproxy.ProxyError) as exc:
             line.append("(invalid: %s)" % exc)
         _write(" ".join(line))

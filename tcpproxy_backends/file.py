@@ -10,6 +10,8 @@
         upstream_tls: true              # optional TLS (see tcpproxy.TLS_FIELDS): also
         upstream_ca: /etc/ssl/ca.pem    # upstream_sni, upstream_cert, upstream_key,
                                         # tls_cert, tls_key
+        send_proxy: v2                  # optional: PROXY protocol header upstream (v1, v2)
+        accept_proxy: true              # optional: clients start with a PROXY header
       - "8003:cache.example.com:6379"   # short form
 
 The file is checked every second (``interval = 1.0``): a poll whose file has
@@ -41,14 +43,15 @@ import stat
 import time
 
 from tcpproxy import (TLS_FIELDS, BackendError, ConfigError, ConfigPending, ConfigRejected,
-                      Mapping, ProxyError, check_limit, check_port, check_unique_ports,
-                      parse_allow, short_repr)
+                      Mapping, ProxyError, check_flag, check_limit, check_port,
+                      check_proxy_version, check_unique_ports, parse_allow, short_repr)
 
 __all__ = ["Backend", "parse_config", "MAX_BYTES", "MAX_NODES", "SETTLE"]
 
 log = logging.getLogger(__name__)
 
-ITEM_KEYS = ("listen", "target", "host", "port", "allow", "max_connections") + TLS_FIELDS
+ITEM_KEYS = ("listen", "target", "host", "port", "allow", "max_connections", "send_proxy",
+             "accept_proxy") + TLS_FIELDS
 MAX_BYTES = 1024 * 1024      # --config-max-bytes raises it
 MAX_NODES = 100000           # YAML nodes after alias expansion
 SETTLE = 1.0                 # a changed file is read once its mtime is this old
@@ -165,6 +168,10 @@ def _item_mapping(item):
     if "allow" in item:
         options["allow"] = parse_allow(item["allow"], "allow")
     options.update((name, item[name]) for name in TLS_FIELDS if name in item)
+    if "send_proxy" in item:
+        options["send_proxy"] = check_proxy_version(item["send_proxy"])
+    if "accept_proxy" in item:
+        options["accept_proxy"] = bool(check_flag(item["accept_proxy"], "accept_proxy"))
     return Mapping.parse(spec, **options)
 
 

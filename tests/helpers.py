@@ -118,11 +118,14 @@ def raise_nofile(want=None):
     return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 
-def connect(addr, timeout=5.0):
+def connect(addr, timeout=5.0, source=None):
+    """A client socket connected to ``addr`` (from the IP ``source``)."""
     family = socket.AF_INET6 if ":" in addr[0] else socket.AF_INET
     s = socket.socket(family, socket.SOCK_STREAM)
     s.settimeout(timeout)
     try:
+        if source is not None:
+            s.bind((source, 0))
         s.connect(addr)
     except BaseException:
         s.close()
