@@ -266,15 +266,15 @@ def test_accept_proxy_refuses_bad_headers(accepting, echo, caplog, case):
     data, reason = REFUSED[case]
     proxy = accepting()
     caplog.set_level(logging.WARNING, "tcpproxy")
-    with connect(proxy.address) as s:
-        try:
+    try:
+        with connect(proxy.address) as s:
             if data:
                 s.sendall(data)
             if not case.startswith(("garbage", "tls", "v1-too", "v2-too")):
                 s.shutdown(socket.SHUT_WR)       # the header ends here
-        except (BrokenPipeError, ConnectionResetError):
-            pass                                 # refused before it was all sent
-        assert closed_by_peer(s)
+            assert closed_by_peer(s)
+    except (BrokenPipeError, ConnectionResetError):
+        pass                                     # refused before it was all sent
     assert wait_until(lambda: refused_by(proxy) == 1 and proxy.registry.active() == 0)
     assert echo.accepted == 0
     lines = [r.getMessage() for r in caplog.records if "PROXY protocol" in r.getMessage()]
@@ -303,12 +303,12 @@ def test_accept_proxy_deadline_is_3_seconds():
 def test_accept_proxy_from_refuses_other_peers(accepting, echo):
     proxy = accepting(accept_proxy_from=["127.0.0.9/32"])
     header = v2_tcp4("192.0.2.7", 40001, "10.0.0.5", 5432, NLB_TLVS)
-    with connect(proxy.address) as s:           # from 127.0.0.1: not a trusted balancer
-        try:
+    try:                                        # from 127.0.0.1: not a trusted balancer
+        with connect(proxy.address) as s:
             s.sendall(header + b"x")
-        except (BrokenPipeError, ConnectionResetError):
-            pass                                 # refused before it was all sent
-        assert closed_by_peer(s)
+            assert closed_by_peer(s)
+    except (BrokenPipeError, ConnectionResetError):
+        pass                                    # reset before connect() or sendall() returned
     assert refused_by(proxy) == 1 and echo.accepted == 0
     with bound_client(proxy.address, "127.0.0.9") as s:
         s.sendall(header + b"x")
