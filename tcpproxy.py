@@ -68,6 +68,7 @@ import json
 import logging
 import os
 import re
+import reprlib
 import select
 import signal
 import socket
@@ -102,7 +103,17 @@ FALLBACK_TTL = 5.0                 # re-resolve period without dnspython
 HOSTS_TTL = 5.0                    # how long an /etc/hosts answer is used
 DNS_BACKOFF_MIN = 0.5
 DNS_BACKOFF_MAX = 8.0
-SERVE_POLL_INTERVAL = 0.2          # serve_forever(): how fast shutdown() returns
+SERVE_POLL_INTERVAL = 0.2          # the status server's serve_forever() poll
+LISTEN_POLL_INTERVAL = 60.0        # listeners: a safety net, stop wakes them at once
+REAP_INTERVAL = 0.2                # the housekeeping thread retires idle workers
+DEFAULT_CONNECT_ATTEMPTS = 3       # upstream addresses tried per client
+DEFAULT_DNS_MAX_TTL = 3600         # --dns-max-ttl
+DNS_CHANGE_HOLD_MIN = 5.0          # --dns-change-hold default: max(TTL, this)
+REFRESH_INTERVAL = 1.0             # a connect failure re-resolves a name at most this often
+HOLD_MIN = 2.0                     # an address that failed is skipped this long,
+HOLD_MAX = 60.0                    # doubling with each further failure up to this
+LOCAL_ADDRESS_TTL = 60.0           # how long "is this address ours?" is remembered
+TEXT_LIMIT = 300                   # characters of an error text in the log or /status
 DRAIN_QUIET = 1.0                  # drain closes a session this long quiet
 ACCEPT_BACKOFF = 0.1               # pause after EMFILE/ENFILE or no thread
 THREAD_STACK_SIZE = 256 * 1024     # set by main() only
@@ -175,6 +186,40 @@ class _RateLimiter:
 _ratelimited = _RateLimiter()
 
 
+def _clip(text, limit=TEXT_LIMIT):
+    """*text* as it may go to the log or /status: control characters (and
+    backslashes, so that an escape cannot be forged) shown as Python escapes,
+    ``\\x1b`` for ESC, and cut to about *limit* characters."""
+    text = str(text)
+    head = text[:limit]
+    if head.isprintable() and "\\" not in head:
+        if len(text) <= limit:
+            return text
+        return "%s... (%d characters cut)" % (head, len(text) - limit)
+    out, size = [], 0
+    for i, c in enumerate(head):
+        if not c.isprintable() or c == "\\":
+            c = "\\\\" if c == "\\" else repr(c)[1:-1]
+        size += len(c)
+        if size > limit:
+            return "%s... (%d characters cut)" % ("".join(out), len(text) - i)
+        out.append(c)
+    if len(text) > limit:
+        out.append("... (%d characters cut)" % (len(text) - limit))
+    return "".join(out)
+
+
+_REPR = reprlib.Repr()
+_REPR.maxstring = _REPR.maxother = 120
+_REPR.maxlevel, _REPR.maxlist, _REPR.maxtuple, _REPR.maxdict, _REPR.maxset = 2, 4, 4, 4, 4
+
+
+def _repr(value):
+    """repr() of a config value for an error message: short however big or
+    deep the value is (a YAML alias bomb is never expanded into text)."""
+    return _REPR.repr(value)
+
+
 def _iso(timestamp):
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(timestamp))
 
@@ -207,7 +252,39 @@ def _is_ip(text):
 
 _HOSTNAME = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9_]([A-Za-z0-9_-]{0,62})"
                        r"(\.[A-Za-z0-9_]([A-Za-z0-9_-]{0,62}))*\.?$")
+# A name whose last label is a number (127.1, 2130706433, 0x7f.1): inet_aton()
+# and so getaddrinfo() take it as an IPv4 address, not a name to look up.
+_NUMERIC_NAME = re.compile(r"(?:.*\.)?(?:[0-9]+|0[xX][0-9A-Fa-f]*)\.?")
 _DIGITS = re.compile(r"[0-9]+")
+
+
+def _ip(address):
+    """*address* as an ip_address (without a %scope; an IPv4-mapped IPv6
+    address as the IPv4 one), or None if it is not an IP address."""
+    try:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
+    except ValueError:
+        return None
+    return ip.ipv4_mapped if ip.version == 6 and ip.ipv4_mapped else ip
+
+
+_THIS_NETWORK = ipaddress.ip_network("0.0.0.0/8")
+
+
+@functools.lru_cache(maxsize=1024)
+def _unusable_address(address):
+    """Why *address* (an IP string) can never be an upstream, or None:
+    0.0.0.0/8 and :: reach this host itself (a loop, or a surprise), and a
+    multicast address takes no TCP connection.  Cached: connect_upstream()
+    asks for every address it tries."""
+    ip = _ip(address)
+    if ip is None:
+        return "not an IP address"
+    if ip.is_multicast:
+        return "%s is a multicast address" % ip
+    if ip.version == 4 and ip in _THIS_NETWORK or ip.version == 6 and ip.is_unspecified:
+        return "%s means this host (0.0.0.0/8 and :: are not upstream addresses)" % ip
+    return None
 
 
 def _format_hostport(host, port):
@@ -220,11 +297,11 @@ def check_port(value, what="port", minimum=1):
     if isinstance(value, int) and not isinstance(value, bool):
         number = value
     elif isinstance(value, str) and _DIGITS.fullmatch(value.strip()):
-        number = int(value.strip())
+        number = int(value.strip()) if len(value.strip()) < 20 else -1   # int() caps digits
     else:
-        raise ConfigError("%s %r is not a port number (%d-65535)" % (what, value, minimum))
+        raise ConfigError("%s %s is not a port number (%d-65535)" % (what, _repr(value), minimum))
     if not minimum <= number <= 65535:
-        raise ConfigError("%s %r is not a port number (%d-65535)" % (what, value, minimum))
+        raise ConfigError("%s %s is not a port number (%d-65535)" % (what, _repr(value), minimum))
     return number
 
 
@@ -261,16 +338,19 @@ def parse_hostport(text, default_host="127.0.0.1", default_port=None, what="addr
 
 def parse_allow(value, what="allow"):
     """Return a tuple of ip_network objects from CIDR strings (a list, or
-    one string separated by commas or white space) or networks.  None gives
-    ``()`` (no restriction).  Raises ConfigError naming *what* and the bad
-    entry."""
-    if value is None:
+    one string separated by commas or white space) or networks.  None, and
+    the empty tuple that stands for it in Mapping and Proxy, give ``()``
+    (no restriction).  A list or string given but empty (``""``, ``" , "``,
+    ``[]``) fails closed: it is a ConfigError, never "anyone".  Raises
+    ConfigError naming *what* and the bad entry."""
+    if value is None or value == ():
         return ()
+    given = value
     if isinstance(value, (str, ipaddress.IPv4Network, ipaddress.IPv6Network)):
         value = [value]
     elif not isinstance(value, (list, tuple, set, frozenset)):
-        raise ConfigError("%s must be a list of CIDRs or a comma separated string, not %r"
-                          % (what, value))
+        raise ConfigError("%s must be a list of CIDRs or a comma separated string, not %s"
+                          % (what, _repr(value)))
     nets = []
     for entry in value:
         if isinstance(entry, (ipaddress.IPv4Network, ipaddress.IPv6Network)):
@@ -278,15 +358,19 @@ def parse_allow(value, what="allow"):
         elif isinstance(entry, str):
             parts = [p for p in re.split(r"[,\s]+", entry.strip()) if p]
         else:
-            raise ConfigError("%s entry %r is not a CIDR string" % (what, entry))
+            raise ConfigError("%s entry %s is not a CIDR string" % (what, _repr(entry)))
         for part in parts:
             try:
                 net = part if not isinstance(part, str) else ipaddress.ip_network(
                     part, strict=False)
             except ValueError:
-                raise ConfigError("%s entry %r is not an IP network" % (what, part)) from None
+                raise ConfigError("%s entry %s is not an IP network"
+                                  % (what, _repr(part))) from None
             if net not in nets:
                 nets.append(net)
+    if not nets:
+        raise ConfigError("%s is empty (%s): give at least one CIDR, or leave it out to "
+                          "allow anyone" % (what, _repr(given)))
     return tuple(nets)
 
 
@@ -295,13 +379,13 @@ def check_limit(value, what="max_connections"):
     of ASCII digits; None gives 0.  Raises ConfigError naming *what*."""
     if value is None:
         return 0
-    if isinstance(value, str) and _DIGITS.fullmatch(value.strip()):
+    if isinstance(value, str) and _DIGITS.fullmatch(value.strip()) and len(value.strip()) < 20:
         return int(value.strip())
     if isinstance(value, (int, float)) and not isinstance(value, bool) \
             and value == value and value not in (float("inf"), float("-inf")) \
             and value == int(value) and value >= 0:
         return int(value)
-    raise ConfigError("%s %r is not a whole number of 0 or more" % (what, value))
+    raise ConfigError("%s %s is not a whole number of 0 or more" % (what, _repr(value)))
 
 
 def check_unique_ports(entries):
@@ -320,13 +404,47 @@ def check_unique_ports(entries):
 def _allowed(address, networks):
     if not networks:
         return True
-    try:
-        ip = ipaddress.ip_address(address.split("%", 1)[0])
-    except ValueError:
-        return False
-    if ip.version == 6 and ip.ipv4_mapped:
-        ip = ip.ipv4_mapped
-    return any(ip in net for net in networks)
+    ip = _ip(address)
+    return ip is not None and any(ip in net for net in networks)
+
+
+def _is_loopback(host):
+    ip = _ip(host)
+    return host == "localhost" or (ip is not None and ip.is_loopback)
+
+
+def _same_ip(a, b):
+    ip = _ip(a)
+    return ip is not None and ip == _ip(b)
+
+
+_LOCAL = {}                              # address -> (is local, when checked)
+
+
+def _is_local(address, v4_only=False):
+    """True when *address* is one of this host's: loopback, or an address
+    a socket can bind (checked once a minute per address)."""
+    now = time.monotonic()
+    cached = _LOCAL.get((address, v4_only))
+    if cached is not None and now - cached[1] < LOCAL_ADDRESS_TTL:
+        return cached[0]
+    ip = _ip(address)
+    if ip is None or (v4_only and ip.version != 4):
+        local = False
+    elif ip.is_loopback:
+        local = True
+    else:
+        try:
+            with socket.socket(socket.AF_INET6 if ip.version == 6 else socket.AF_INET,
+                               socket.SOCK_DGRAM) as probe:
+                probe.bind((str(ip), 0))
+            local = True
+        except OSError:
+            local = False
+    if len(_LOCAL) > 1024:
+        _LOCAL.clear()
+    _LOCAL[(address, v4_only)] = (local, now)
+    return local
 
 
 # Mapping #####################################################################
@@ -348,7 +466,7 @@ class Mapping:
     max_connections: int = 0
 
     def __post_init__(self):
-        spec = "%s:%s:%s" % (self.listen_port, self.host, self.port)
+        spec = "%s:%s" % (self.listen_port, _format_hostport(str(self.host), self.port))
         try:
             object.__setattr__(self, "listen_port",
                                check_port(self.listen_port, "listen port", minimum=0))
@@ -356,12 +474,24 @@ class Mapping:
             object.__setattr__(self, "allow", parse_allow(self.allow))
             object.__setattr__(self, "max_connections", check_limit(self.max_connections))
         except ConfigError as exc:
-            raise ConfigError("invalid connection %r: %s" % (spec, exc)) from None
+            raise ConfigError("invalid connection %s: %s" % (_repr(spec), exc)) from None
         host = str(self.host or "").strip()
         if host.startswith("[") and host.endswith("]"):
             host = host[1:-1]
         if not host or not (_is_ip(host) or _HOSTNAME.match(host)):
-            raise ConfigError("invalid connection %r: bad host %r" % (spec, self.host))
+            raise ConfigError("invalid connection %s: bad host %s" % (_repr(spec),
+                                                                     _repr(self.host)))
+        if _is_ip(host):
+            reason = _unusable_address(host)
+            if reason:
+                raise ConfigError("invalid connection %s: bad target: %s" % (_repr(spec), reason))
+        elif _NUMERIC_NAME.fullmatch(host):
+            try:
+                hint = ": %s" % socket.inet_ntoa(socket.inet_aton(host))
+            except OSError:
+                hint = ""
+            raise ConfigError("invalid connection %s: bad host %r: a number, not a name "
+                              "(write the IP address in full%s)" % (_repr(spec), host, hint))
         object.__setattr__(self, "host", host)
 
     @classmethod
@@ -659,8 +789,7 @@ class Resolver:
                 return "no nameserver answered (SERVFAIL or REFUSED)"
             if isinstance(exc, dns.exception.Timeout):
                 return "timed out"
-        text = str(exc) or exc.__class__.__name__
-        return text if len(text) < 200 else text[:197] + "..."
+        return _clip(str(exc) or exc.__class__.__name__)
 
     def _hosts_lookup(self, host):
         try:
@@ -1662,10 +1791,12 @@ class StatusHandler(http.server.BaseHTTPRequestHandler):
             self.wfile.write(data)
 
     def log_message(self, format, *args):  # noqa: A002 - http.server's name
-        log.debug("status %s: " + format, self.client_address[0], *args)
+        # The request line is the client's: escaped, as http.server's own
+        # log_message() does, so that it cannot forge log lines.
+        log.debug("status %s: %s", self.client_address[0], _clip(format % args))
 
     def log_error(self, format, *args):  # noqa: A002
-        log.debug("status %s: " + format, self.client_address[0], *args)
+        self.log_message(format, *args)
 
 
 class StatusServer(http.server.ThreadingHTTPServer):
@@ -1954,8 +2085,8 @@ class Proxy:
                     try:
                         self._start_server(mapping)
                     except ConfigError as exc:
-                        failures[mapping.spec] = str(exc)
-                        log.error("%s", exc)
+                        failures[mapping.spec] = _clip(exc)
+                        log.error("%s", failures[mapping.spec])
                 elif server.mapping != mapping:
                     log.info("%d: mapping changed: %s -> %s (open connections stay "
                              "on the old target)", port, server.mapping, mapping)
@@ -2178,7 +2309,7 @@ class BackendPoller:
             self.proxy.apply(mappings)
         except ConfigError as exc:
             for reason in exc.failures.values():
-                log.error("backend %s: %s", self.backend.name, reason)
+                log.error("backend %s: %s", self.backend.name, _clip(reason))
             self.last_ok = now
             return self._record(True, None, partial=str(exc))
         self.last_ok = now
@@ -2186,6 +2317,8 @@ class BackendPoller:
 
     def _record(self, ok, error, partial=None):
         self.polls += 1
+        error = error and _clip(error)        # backend errors may quote the config
+        partial = partial and _clip(partial)
         if not ok:
             self.last_error = error
             _ratelimited.log(logging.WARNING, ("backend", error), "backend %s: %s; keeping "
@@ -2618,8 +2751,9 @@ def parse_args(argv=None):
     except ConfigError as exc:
         parser.error("argument --connections: %s" % exc)
     try:
-        args.allow_networks = parse_allow(args.allow, "--allow")
-        args.status_allow_networks = parse_allow(args.status_allow, "--status-allow")
+        # None when not given (anyone); given but empty is an error.
+        args.allow_networks = parse_allow(args.allow or None, "--allow")
+        args.status_allow_networks = parse_allow(args.status_allow or None, "--status-allow")
     except ConfigError as exc:
         parser.error(str(exc))
     if args.backend == "static" and not args.mappings:
