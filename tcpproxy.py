@@ -1417,7 +1417,7 @@ class _WorkerPool:
     """Reusable threads: a task given to submit() starts at once, on an
     idle worker or on a new thread.  reserve() takes a parked worker out
     of the pool for a task to come: run_on() starts it, give_back() parks
-    it again.  reap(), called by every listener's serve_forever() loop,
+    it again.  reap(), called by the Proxy's housekeeping thread,
     retires workers idle for *idle_timeout* seconds (or beyond *keep* idle
     ones) a few at a time: thousands of threads ending at once make
     CPython's GIL thrash for seconds.  close() wakes idle and reserved
@@ -1562,7 +1562,8 @@ class ProxyServer(socketserver.ThreadingTCPServer):
     Methods for the caller: serve_forever(), stop_accepting(),
     server_close(), set_mapping(mapping), port.  Overridden hooks:
     server_bind(), get_request(), verify_request(), process_request(),
-    shutdown_request(), service_actions(), handle_error().
+    shutdown_request(), handle_error(); and serve_forever() itself, which
+    sleeps until a client comes or stop_accepting() wakes it.
     """
 
     allow_reuse_address = True
@@ -1650,18 +1651,36 @@ class ProxyServer(socketserver.ThreadingTCPServer):
         # socketserver's path for a client that verify_request() refused.
         _reset_close(request)
 
-    def service_actions(self):
-        # Called by serve_forever() every SERVE_POLL_INTERVAL.
-        self.proxy.workers.reap()
-
     def handle_error(self, request, client_address):
         log.exception("%d: error handling %s", self.port, client_address)
 
+    def serve_forever(self, poll_interval=LISTEN_POLL_INTERVAL):
+        """Accept clients until stop_accepting().  socketserver's loop
+        wakes every *poll_interval* to see whether shutdown() was called;
+        with thousands of mappings those wake-ups alone take a CPU.  This
+        one sleeps in poll() until a client comes or stop_accepting() shuts
+        the listening socket down, which wakes it at once (*poll_interval*
+        is only a safety net).  socketserver's shutdown() does not apply."""
+        poller = select.poll()
+        poller.register(self.socket, select.POLLIN)
+        timeout = int(poll_interval * 1000)
+        stopping = self._stopping
+        while not stopping.is_set():
+            if poller.poll(timeout) and not stopping.is_set():
+                self._handle_request_noblock()
+
     def stop_accepting(self):
-        """End serve_forever() and close the listening socket."""
+        """Refuse new clients and wake serve_forever(), which returns: shut
+        the listening socket down (the port refuses connections from now
+        on).  Does not wait, so that thousands of listeners stop at once;
+        join the serve_forever() thread, then server_close()."""
+        if self._stopping.is_set():
+            return
         self._stopping.set()
-        self.shutdown()
-        self.socket.close()
+        try:
+            self.socket.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
 
 
 class _SpareDescriptor:
@@ -1988,6 +2007,8 @@ class Proxy:
         self._backend = dict(backend_info or {"name": "static", "ok": True})
         self._backend_lock = threading.Lock()
         self._watcher = None
+        self._housekeeping = None
+        self._housekeeping_stop = threading.Event()
 
     def __enter__(self):
         self.start()
@@ -2060,6 +2081,9 @@ class Proxy:
             if self.close_on_dns_change:
                 self._watcher = DnsChangeWatcher(self)
                 self._watcher.start()
+            self._housekeeping = threading.Thread(target=self._housekeep,
+                                                  name="tcpproxy-housekeeping")
+            self._housekeeping.start()
             self.state = "running"
             log.info("tcpproxy %s started: %s", __version__,
                      ", ".join(m.spec for m in self.mappings) or "no mappings yet")
@@ -2122,6 +2146,9 @@ class Proxy:
                 self._stop_server(port, deadline, "proxy stopping")
             if self._watcher is not None:
                 self._watcher.stop(deadline)
+            if self._housekeeping is not None:
+                self._housekeeping_stop.set()
+                self._housekeeping.join(max(0.0, deadline - time.monotonic()))
             self.resolver.close(max(0.0, deadline - time.monotonic()))
             if self._status_server is not None:
                 server, thread = self._status_server
@@ -2176,8 +2203,7 @@ class Proxy:
                 _format_hostport(self.listen_host, mapping.listen_port), mapping,
                 exc.strerror or exc)) from None
         port = server.port
-        thread = threading.Thread(target=server.serve_forever, name="tcpproxy-listen-%d" % port,
-                                  kwargs={"poll_interval": SERVE_POLL_INTERVAL})
+        thread = threading.Thread(target=server.serve_forever, name="tcpproxy-listen-%d" % port)
         thread.start()
         self._servers[port] = server
         self._server_threads[port] = thread
@@ -2198,17 +2224,20 @@ class Proxy:
         self.registry.forget(port)
         log.info("stopped listening on %d (%s)", port, reason)
 
-    def _stop_accepting_all(self):
-        """stop_accepting() every listener at once: each waits up to one
-        serve_forever() poll interval, so in turn 30 listeners would take
-        seconds."""
-        stoppers = [threading.Thread(target=server.stop_accepting,
-                                     name="tcpproxy-stop-%d" % port)
-                    for port, server in self._servers.items()]
-        for thread in stoppers:
-            thread.start()
-        for thread in stoppers:
-            thread.join()
+    def _stop_accepting_all(self, timeout=5.0):
+        """Close every listener: wake them all (stop_accepting() does not
+        wait), then join their threads and close their sockets."""
+        deadline = time.monotonic() + timeout
+        for server in self._servers.values():
+            server.stop_accepting()
+        for port, server in self._servers.items():
+            self._server_threads[port].join(max(0.0, deadline - time.monotonic()))
+            server.socket.close()
+
+    def _housekeep(self):
+        # One thread for the whole proxy, not a wake-up per listener.
+        while not self._housekeeping_stop.wait(REAP_INTERVAL):
+            self.workers.reap()
 
 
 # Backends ####################################################################
