@@ -548,11 +548,14 @@ class _Entry:
     """Cached answer for one name; guarded by its condition."""
 
     __slots__ = ("cond", "addresses", "expires", "retry_at", "backoff", "busy",
-                 "error", "stale", "updated", "source")
+                 "error", "stale", "updated", "source", "ttl", "serial", "refreshed")
 
     def __init__(self):
         self.cond = threading.Condition(threading.Lock())
         self.addresses = ()
+        self.ttl = None
+        self.serial = 0                 # lookups finished, to share the one under way
+        self.refreshed = None           # last refresh() (a connect failure asked)
         self.expires = 0.0
         self.retry_at = 0.0
         self.backoff = 0.0
@@ -569,20 +572,28 @@ class Resolver:
     Methods for the caller:
 
     - lookup(host) -> list of address strings
+    - refresh(host): look again now, in the background (a connect failed)
     - info(host) -> dict describing the cached answer
     - add_listener(callback): callback(host, old, new) on every changed answer
 
     An answer is used until its TTL expires (the smallest TTL along a CNAME
-    chain); TTL 0 means a lookup per call.  Concurrent callers for an
-    expired name share one lookup.  When a lookup fails the last good answer
-    is served (stale) and lookups are retried with backoff, so callers do
-    not each wait for a DNS timeout.  Names in the hosts file are answered
-    from it; without dnspython the system resolver is used and answers are
-    kept for FALLBACK_TTL seconds.
+    chain), clamped to *min_ttl*..*max_ttl*; TTL 0 means a lookup per call.
+    Concurrent callers share one lookup: a caller that finds a lookup under
+    way waits for it and takes its answer, even with TTL 0.  When a lookup
+    fails the last good answer is served (stale) and lookups are retried
+    with backoff, so callers do not each wait for a DNS timeout.  Names in
+    the hosts file are answered from it; without dnspython the system
+    resolver is used and answers are kept for FALLBACK_TTL seconds.
     """
 
     def __init__(self, nameservers=None, *, timeout=DEFAULT_DNS_TIMEOUT,
-                 hosts_file="/etc/hosts", clock=time.monotonic):
+                 hosts_file="/etc/hosts", clock=time.monotonic, min_ttl=0,
+                 max_ttl=DEFAULT_DNS_MAX_TTL):
+        if not 0 <= min_ttl <= max_ttl:
+            raise ConfigError("--dns-min-ttl %s and --dns-max-ttl %s: need 0 <= min <= max"
+                              % (_repr(min_ttl), _repr(max_ttl)))
+        self.min_ttl = min_ttl
+        self.max_ttl = max_ttl
         self.timeout = timeout
         self.hosts_file = hosts_file
         self.clock = clock
@@ -646,8 +657,17 @@ class Resolver:
             return [host]
         entry = self._entry(host)
         with entry.cond:
+            shared = None                # the serial of the lookup we wait for
             while True:
                 now = self.clock()
+                if shared is not None and entry.serial != shared:
+                    # The lookup under way when we came has ended (or we
+                    # waited as long as it may take): its answer is as
+                    # fresh as one of our own, whatever its TTL.
+                    if entry.addresses:
+                        return list(entry.addresses)
+                    raise ResolveError("cannot resolve %s: %s"
+                                       % (host, entry.error or "timed out"))
                 if entry.addresses:
                     if now < entry.expires:
                         return list(entry.addresses)
@@ -658,22 +678,34 @@ class Resolver:
                             entry.busy = True
                             self._refresh_in_background(host, entry)
                         return list(entry.addresses)
-                    if entry.busy:
-                        # Share the lookup under way, for at most the grace
-                        # second past expiry.
-                        grace = entry.expires + 1.0 - now
-                        if grace <= 0:
-                            return list(entry.addresses)
-                        entry.cond.wait(grace)
-                        continue
                 elif now < entry.retry_at:
                     raise ResolveError("cannot resolve %s: %s" % (host, entry.error))
-                elif entry.busy:
-                    entry.cond.wait(self.timeout + 1.0)
+                if entry.busy:
+                    shared = entry.serial
+                    if not entry.cond.wait(self.timeout + 1.0):
+                        shared = -1          # as long as a lookup may take
                     continue
                 entry.busy = True
                 break
         return self._refresh(host, entry)
+
+    def refresh(self, host):
+        """Look *host* up again now, in the background: a connect to one of
+        its addresses failed, and DNS may have moved on before the TTL ran
+        out (a failover).  Callers meanwhile get the cached answer.  At most
+        one lookup at a time and one refresh per REFRESH_INTERVAL per name."""
+        if _is_ip(host):
+            return
+        entry = self._entry(host)
+        with entry.cond:
+            now = self.clock()
+            if entry.busy or (entry.refreshed is not None
+                              and now - entry.refreshed < REFRESH_INTERVAL):
+                return
+            entry.refreshed = now
+            entry.busy = True
+            log.debug("re-resolving %s now: a connect to its address failed", host)
+            self._refresh_in_background(host, entry)
 
     def _refresh_in_background(self, host, entry):
         def retry():
@@ -717,6 +749,7 @@ class Resolver:
                 first = entry.error is None or not entry.stale
                 entry.error = reason
                 entry.stale = bool(entry.addresses)
+                entry.serial += 1
                 entry.cond.notify_all()
                 addresses = list(entry.addresses)
             if addresses:
@@ -730,9 +763,12 @@ class Resolver:
             _ratelimited.log(logging.WARNING, ("dns", host), "cannot resolve %s: %s",
                              host, reason)
             raise ResolveError("cannot resolve %s: %s" % (host, reason)) from None
+        ttl = min(max(ttl, self.min_ttl), self.max_ttl)
         with entry.cond:
             entry.busy = False
             entry.addresses = tuple(addresses)
+            entry.ttl = ttl
+            entry.serial += 1
             entry.expires = started + ttl
             entry.retry_at = 0.0
             entry.backoff = 0.0
@@ -746,16 +782,16 @@ class Resolver:
             log.warning("DNS lookup of %s works again: %s", host, ", ".join(addresses))
         if set(old) != set(addresses):
             if old:
-                log.info("DNS answer for %s changed: %s -> %s (ttl %ds)", host,
+                log.info("DNS answer for %s changed: %s -> %s (ttl %gs)", host,
                          ", ".join(old), ", ".join(addresses), ttl)
             else:
-                log.info("DNS answer for %s: %s (ttl %ds)", host, ", ".join(addresses), ttl)
+                log.info("DNS answer for %s: %s (ttl %gs)", host, ", ".join(addresses), ttl)
             with self.lock:
                 listeners = list(self._listeners)
             for callback in listeners:
                 callback(host, old, tuple(addresses))
         else:
-            log.debug("DNS answer for %s: %s (ttl %ds)", host, ", ".join(addresses), ttl)
+            log.debug("DNS answer for %s: %s (ttl %gs)", host, ", ".join(addresses), ttl)
         return list(addresses)
 
     def expires_in(self, host):
@@ -772,13 +808,14 @@ class Resolver:
         """A snapshot of what is cached for *host*."""
         if _is_ip(host):
             return {"addresses": [host], "expires_in": None, "stale": False,
-                    "error": None, "source": "literal"}
+                    "error": None, "source": "literal", "ttl": None}
         entry = self._entry(host)
         with entry.cond:
             expires_in = entry.expires - self.clock() if entry.addresses else None
             return {"addresses": list(entry.addresses),
                     "expires_in": None if expires_in is None else round(max(expires_in, 0.0), 3),
-                    "stale": entry.stale, "error": entry.error, "source": entry.source}
+                    "stale": entry.stale, "error": entry.error, "source": entry.source,
+                    "ttl": entry.ttl}
 
     @staticmethod
     def _describe(exc):
