@@ -883,6 +883,110 @@ class Resolver:
         return found, ttl, "dns"
 
 
+# Upstream health #############################################################
+
+class UpstreamHealth:
+    """Passive health of upstream addresses: which ``(address, port)``
+    refused or timed out lately.
+
+    A failed connect holds the address down for *hold_min* seconds,
+    doubling with every further failure up to *hold_max*.  New connections
+    try the addresses that are up first and the held ones last (best
+    first: the hold that ends soonest), so a held address is only tried
+    when every other one failed too.  When its hold ends it goes back into
+    the rotation, and the first connection that comes to it claims it (a
+    live connect is the probe; the trial holds it for *trial* seconds
+    more, so that concurrent connections do not all try it): success marks
+    it up, failure holds it longer.
+
+    Methods for the caller: order(addresses, port), claim(address, port),
+    failed(address, port, reason), succeeded(address, port),
+    snapshot(addresses, port).  ``down``
+    is empty while every upstream is healthy: connect_upstream() tests it
+    without a lock and calls nothing else then.
+    """
+
+    def __init__(self, hold_min=HOLD_MIN, hold_max=HOLD_MAX, trial=DEFAULT_CONNECT_TIMEOUT,
+                 clock=time.monotonic):
+        self.hold_min = hold_min
+        self.hold_max = hold_max
+        self.trial = trial
+        self.clock = clock
+        self.lock = threading.Lock()
+        self.down = {}                  # (address, port) -> [until, failures]
+
+    def order(self, addresses, port):
+        """*addresses* (in rotation order) as a connection should try them,
+        and how many of them come first: the ones that are up or whose
+        hold ended, in rotation order, then the held ones, best first."""
+        now = self.clock()
+        first, held = [], []
+        with self.lock:
+            for address in addresses:
+                state = self.down.get((address, port))
+                if state is None or state[0] <= now:
+                    first.append(address)
+                else:
+                    held.append((state[0], address))
+        held.sort()
+        return first + [address for _, address in held], len(first)
+
+    def claim(self, address, port):
+        """May a connection try (*address*, *port*) now?  Yes when it is up;
+        when its hold ended, yes for one connection (it holds the address
+        for *trial* seconds more, so concurrent ones do not all try it)."""
+        now = self.clock()
+        with self.lock:
+            state = self.down.get((address, port))
+            if state is None:
+                return True
+            if state[0] <= now:
+                state[0] = now + self.trial
+                return True
+            return False
+
+    def failed(self, address, port, reason):
+        """Hold (*address*, *port*) down, longer with each failure in a row."""
+        now = self.clock()
+        with self.lock:
+            state = self.down.get((address, port))
+            if state is None:
+                if len(self.down) >= 10000:       # addresses long gone from DNS
+                    self.down = {k: v for k, v in self.down.items()
+                                 if v[0] > now - self.hold_max}
+                state = self.down[(address, port)] = [now, 0]
+            state[1] += 1
+            hold = min(self.hold_min * 2 ** min(state[1] - 1, 30), self.hold_max)
+            state[0] = now + hold
+            failures = state[1]
+        _ratelimited.log(logging.WARNING, ("down", address, port),
+                         "upstream %s is down (%s, %d failure(s) in a row): new connections "
+                         "try it last for %gs", _format_hostport(address, port), reason,
+                         failures, hold)
+
+    def succeeded(self, address, port):
+        """Mark (*address*, *port*) up (a connect to it worked)."""
+        with self.lock:
+            state = self.down.pop((address, port), None)
+        if state is not None:
+            _ratelimited.log(logging.WARNING, ("up", address, port), "upstream %s is up again "
+                             "after %d failure(s)", _format_hostport(address, port), state[1])
+
+    def snapshot(self, addresses, port):
+        """[{address, up, down_until, failures}] for /status: an address is
+        up until a connect fails and again once one works; down_until is
+        when new connections try it again."""
+        now, wall = self.clock(), time.time()
+        out = []
+        with self.lock:
+            for address in addresses:
+                until, failures = self.down.get((address, port), (None, 0))
+                out.append({"address": _format_hostport(address, port), "up": until is None,
+                            "down_until": None if until is None else _iso(wall + until - now),
+                            "failures": failures})
+        return out
+
+
 # Registry and Session ########################################################
 
 class Session:
@@ -1208,9 +1312,12 @@ def serve_client(proxy, listener, session, partner):
 
 
 def connect_upstream(proxy, listener, session):
-    """Connect *session* to its target, trying every address of the name
-    from a rotating start; return the socket or None (reason logged, the
-    session aborted)."""
+    """Connect *session* to its target: try the addresses of the name from
+    a rotating start, the ones held down by UpstreamHealth last, at most
+    ``proxy.connect_attempts`` of them and for ``proxy.connect_deadline``
+    seconds in all, skipping addresses that cannot be an upstream (see
+    _unusable_address) or are this proxy's own listeners (a loop).  Return
+    the socket or None (reason logged, the session aborted)."""
     host, port = session.target
     listen_port = session.listen_port
     try:
@@ -1222,10 +1329,37 @@ def connect_upstream(proxy, listener, session):
         session.abort("cannot resolve %s" % host)
         return None
     start = next(listener.rotation) % len(addresses)
-    errors = []
-    for address in addresses[start:] + addresses[:start]:
+    addresses = addresses[start:] + addresses[:start]
+    health = proxy.health
+    fallback = len(addresses)            # from here on: held down, tried anyway
+    if health.down:                      # some upstream failed lately
+        addresses, fallback = health.order(addresses, port)
+    errors, skipped = [], []
+    attempts = 0
+    limit, timeval = proxy.first_connect_timeout, proxy.connect_timeval
+    deadline = time.monotonic() + proxy.connect_deadline
+    for i, address in enumerate(addresses):
         if session.closed_reason is not None:
             return None
+        refusal = _unusable_address(address) or (
+            port in proxy.own_ports and proxy.own_address(address, port))
+        if refusal:
+            skipped.append("%s: %s" % (_format_hostport(address, port), refusal))
+            continue
+        if attempts:
+            remaining = deadline - time.monotonic()
+            if attempts >= proxy.connect_attempts or remaining <= 0:
+                errors.append("gave up after %d attempt(s) in %gs (--connect-attempts %d, "
+                              "--connect-deadline %g)" % (
+                                  attempts, round(proxy.connect_deadline - remaining, 1),
+                                  proxy.connect_attempts, proxy.connect_deadline))
+                break
+            if remaining < limit:
+                limit, timeval = remaining, _timeval(remaining)
+        if i < fallback and health.down and not health.claim(address, port):
+            addresses.append(address)    # another connection is trying it: last
+            continue
+        attempts += 1
         family = socket.AF_INET6 if ":" in address else socket.AF_INET
         try:
             sock = socket.socket(family, socket.SOCK_STREAM)
@@ -1240,7 +1374,7 @@ def connect_upstream(proxy, listener, session):
         try:
             # SO_SNDTIMEO bounds a blocking connect() (EINPROGRESS when it
             # expires): two syscalls instead of settimeout()'s four fcntl.
-            proxy.set_send_timeout(sock, proxy.connect_timeval)
+            proxy.set_send_timeout(sock, timeval)
             sock.connect((address, port))
             proxy.set_send_timeout(sock, _TIMEVAL_ZERO)
         except OSError as exc:
@@ -1251,14 +1385,22 @@ def connect_upstream(proxy, listener, session):
                 return None
             if isinstance(exc, socket.timeout) or exc.errno in (errno.EINPROGRESS,
                                                                 errno.EAGAIN):
-                reason = "timed out after %gs" % proxy.connect_timeout
+                reason = "timed out after %gs" % round(limit, 3)
             else:
                 reason = exc.strerror or str(exc)
             errors.append("%s: %s" % (_format_hostport(address, port), reason))
             log.info("%d: connect to %s failed: %s", listen_port,
                      _format_hostport(address, port), reason)
+            health.failed(address, port, reason)
+            if attempts == 1:            # DNS may know better than its TTL says
+                proxy.resolver.refresh(host)
             continue
         _tune(sock)
+        if health.down:
+            health.succeeded(address, port)
+        for reason in skipped:
+            _ratelimited.log(logging.WARNING, ("skipped", listen_port, reason),
+                             "%d: skipped %s", listen_port, reason)
         if session.closed_reason is not None:
             return None                   # finish_session() closes it
         session.upstream_address = (address, port)
@@ -1266,9 +1408,16 @@ def connect_upstream(proxy, listener, session):
     _ratelimited.log(logging.WARNING, ("connect", listen_port),
                      "%d: closing client %s: no upstream for %d:%s accepted (%s)",
                      listen_port, _format_hostport(*session.client[:2]), listen_port,
-                     _format_hostport(host, port), "; ".join(errors) or "no address")
+                     _format_hostport(host, port), _clip("; ".join(skipped + errors))
+                     or "no address")
     session.abort("upstream unreachable", reset=True)
     return None
+
+
+def _timeval(seconds):
+    """struct timeval for SO_SNDTIMEO (at least 1 ms: 0 would mean never)."""
+    seconds = max(seconds, 0.001)
+    return struct.pack("ll", int(seconds), int((seconds % 1) * 1e6))
 
 
 def finish_session(proxy, session):
@@ -1984,6 +2133,7 @@ def status_report(proxy):
             "listening": listening, "addresses": dns_info["addresses"],
             "expires_in": dns_info["expires_in"], "stale": dns_info["stale"],
             "dns_error": dns_info["error"],
+            "upstreams": proxy.health.snapshot(dns_info["addresses"], mapping.port),
             "allow": [str(n) for n in mapping.allow],
             "max_connections": mapping.max_connections}))
     for spec, reason in sorted(failures.items()):
@@ -2005,23 +2155,36 @@ class Proxy:
     """A set of port mappings served by ProxyServers, plus status.
 
     Methods for the caller: start(), apply(mappings), mappings, servers,
-    connections(), status(), stop(timeout, drain), set_backend_state();
-    use it as a context manager to start and stop it.  Keyword arguments
-    are the command line's options (see build_parser()); *splice* and
-    *libc_io* choose the fast paths (default: where available).
+    connections(), status(), stop(timeout, drain), set_backend_state(),
+    own_address(address, port); use it as a context manager to start and
+    stop it.  Keyword arguments are the command line's options (see
+    build_parser()); *splice* and *libc_io* choose the fast paths (default:
+    where available).  It owns the passive health of upstreams (*health*,
+    an UpstreamHealth) and one housekeeping thread that retires idle
+    workers.
     """
 
     def __init__(self, mappings=(), *, listen_host="0.0.0.0", resolver=None,
                  connect_timeout=DEFAULT_CONNECT_TIMEOUT, close_on_dns_change=False,
                  name=None, status_address=None, status_allow=(), backend_info=None,
                  idle_timeout=None, allow=(), max_connections=0, splice=None,
-                 libc_io=None):
+                 libc_io=None, connect_deadline=None,
+                 connect_attempts=DEFAULT_CONNECT_ATTEMPTS, dns_change_hold=None):
         self.listen_host = listen_host
         self.resolver = resolver if resolver is not None else Resolver()
         self.connect_timeout = connect_timeout
-        self.connect_timeval = struct.pack(
-            "ll", int(connect_timeout), int((connect_timeout % 1) * 1e6))
+        self.connect_deadline = (2 * connect_timeout if connect_deadline is None
+                                 else connect_deadline)
+        self.connect_attempts = check_limit(connect_attempts, "--connect-attempts")
+        if not self.connect_attempts or not self.connect_deadline > 0:
+            raise ConfigError("--connect-attempts %s and --connect-deadline %s must be more "
+                              "than 0" % (_repr(connect_attempts), _repr(connect_deadline)))
+        self.first_connect_timeout = min(connect_timeout, self.connect_deadline)
+        self.connect_timeval = _timeval(self.first_connect_timeout)
+        self.health = UpstreamHealth(trial=self.first_connect_timeout)
+        self.own_ports = {}             # port -> hosts this proxy listens on (loops)
         self.close_on_dns_change = close_on_dns_change
+        self.dns_change_hold = dns_change_hold
         self.name = name
         self.idle_timeout = idle_timeout or None
         self.allow = parse_allow(allow, "--allow")
@@ -2073,6 +2236,29 @@ class Proxy:
 
     def is_draining(self):
         return self.state in ("draining", "stopping", "stopped")
+
+    def own_address(self, address, port):
+        """Why connecting to (*address*, *port*) would loop back into this
+        proxy (one of its listeners or its status server, a wildcard
+        listener meaning every local address), or None."""
+        for host in self.own_ports.get(port, ()):
+            if host in ("0.0.0.0", "::"):
+                if _is_local(address, v4_only=host == "0.0.0.0"):
+                    return "this proxy listens on port %d of every local address " \
+                           "(a proxy loop)" % port
+            elif _same_ip(host, address):
+                return "this proxy listens there (a proxy loop)"
+        return None
+
+    def _own(self, port, host, add=True):
+        # Connections read own_ports without a lock: one get() at a time
+        # (atomic), and the value is a tuple that is replaced, never changed.
+        hosts = tuple(h for h in self.own_ports.get(port, ()) if h != host)
+        hosts += (host,) if add else ()
+        if hosts:
+            self.own_ports[port] = hosts
+        else:
+            self.own_ports.pop(port, None)
 
     def set_send_timeout(self, sock, timeval):
         """Set SO_SNDTIMEO (through libc when it is there: see _LibcIO.setsockopt)."""
@@ -2230,6 +2416,7 @@ class Proxy:
                                   kwargs={"poll_interval": SERVE_POLL_INTERVAL})
         thread.start()
         self._status_server = (server, thread)
+        self._own(server.server_address[1], server.server_address[0])
         log.info("status on http://%s/status", _format_hostport(*server.server_address[:2]))
 
     def _start_server(self, mapping):
@@ -2244,12 +2431,14 @@ class Proxy:
         thread.start()
         self._servers[port] = server
         self._server_threads[port] = thread
+        self._own(port, server.server_address[0])
         log.info("listening on %s for %s", _format_hostport(self.listen_host, port), mapping)
         return server
 
     def _stop_server(self, port, deadline, reason):
         server = self._servers.pop(port)
         thread = self._server_threads.pop(port)
+        self._own(port, server.server_address[0], add=False)
         server.stop_accepting()
         thread.join(max(0.0, deadline - time.monotonic()))
         for session in self.registry.sessions(port):
