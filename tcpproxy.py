@@ -1192,12 +1192,20 @@ class Registry:
 
 class DnsChangeWatcher:
     """--close-on-dns-change: re-resolve the names live mappings use when
-    their answers expire, and close sessions whose upstream address left
-    the answer.  Methods for the caller: start(), stop(deadline)."""
+    their answers expire, and close the sessions whose upstream address has
+    been out of the answer for *hold* seconds (None: the answer's TTL, at
+    least DNS_CHANGE_HOLD_MIN).  Mere rotation between live addresses (an
+    address leaves the answer and comes back within the hold) closes
+    nothing; a failover closes within TTL + hold.  Methods for the caller:
+    start(), stop(deadline)."""
 
-    def __init__(self, proxy):
+    def __init__(self, proxy, hold=None):
         self.proxy = proxy
+        self.hold = hold
+        self.lock = threading.Lock()
+        self._gone = {}                 # (host, address) -> when it left the answer
         self._stop = threading.Event()
+        self._wake = threading.Event()
         self._thread = threading.Thread(target=self._run, name="tcpproxy-dns-watch")
 
     def start(self):
@@ -1206,25 +1214,62 @@ class DnsChangeWatcher:
 
     def stop(self, deadline):
         self._stop.set()
+        self._wake.set()
         if self._thread.ident is not None:
             self._thread.join(max(0.0, deadline - time.monotonic()))
 
     def changed(self, host, old, new):
+        """A Resolver listener: note which addresses left the answer and
+        which came back; the thread closes sessions when a hold ends."""
         if not old:
             return
-        keep = set(new)
-        ports = {port for port, s in self.proxy.servers.items() if s.mapping.host == host}
-        for session in self.proxy.registry.sessions():
-            if (session.listen_port in ports and session.upstream_address
-                    and session.upstream_address[0] not in keep):
-                log.warning("%d: closing %s: %s no longer resolves to %s",
-                            session.listen_port, _format_hostport(*session.client[:2]),
-                            host, session.upstream_address[0])
-                session.abort("DNS changed", reset=True)
+        now = time.monotonic()
+        with self.lock:
+            for address in set(old) - set(new):
+                self._gone.setdefault((host, address), now)
+            for address in new:
+                self._gone.pop((host, address), None)
+        self._wake.set()
+
+    def _hold(self, host):
+        if self.hold is not None:
+            return self.hold
+        return max(self.proxy.resolver.info(host)["ttl"] or 0, DNS_CHANGE_HOLD_MIN)
+
+    def close_due(self, now):
+        """Close the sessions on addresses gone for their hold; return the
+        seconds until the next hold ends (None: none pending)."""
+        with self.lock:
+            gone = dict(self._gone)
+        if not gone:
+            return None
+        holds = {host: self._hold(host) for host, _ in gone}
+        due, next_due = {}, None
+        for (host, address), since in gone.items():
+            left = since + holds[host] - now
+            if left <= 0:
+                due[(host, address)] = now - since
+            elif next_due is None or left < next_due:
+                next_due = left
+        if due:
+            for session in self.proxy.registry.sessions():
+                upstream = session.upstream_address
+                gone_for = upstream and due.get((session.target[0], upstream[0]))
+                if gone_for is not None and session.closed_reason is None:
+                    log.warning("%d: closing %s: %s has not resolved to %s for %gs",
+                                session.listen_port, _format_hostport(*session.client[:2]),
+                                session.target[0], upstream[0], round(gone_for, 1))
+                    session.abort("DNS changed", reset=True)
+            with self.lock:             # a minute on, no late session can be left
+                for key, gone_for in due.items():
+                    if gone_for > holds[key[0]] + 60 and self._gone.get(key) == gone[key]:
+                        del self._gone[key]
+        return next_due
 
     def _run(self):
         resolver = self.proxy.resolver
         while not self._stop.is_set():
+            self._wake.clear()
             wait = 5.0
             hosts = {s.mapping.host for s in self.proxy.servers.values()
                      if not _is_ip(s.mapping.host)}
@@ -1237,8 +1282,11 @@ class DnsChangeWatcher:
                         pass
                     remaining = resolver.expires_in(host)
                 if remaining is not None:
-                    wait = min(wait, max(remaining, 0.0))
-            self._stop.wait(max(wait, 0.5))
+                    wait = min(wait, max(remaining, 0.5))
+            due = self.close_due(time.monotonic())
+            if due is not None:
+                wait = min(wait, max(due, 0.05))
+            self._wake.wait(wait)
 
 
 # Connection ##################################################################
@@ -2302,7 +2350,7 @@ class Proxy:
                 self.stop(timeout=1.0)
                 raise
             if self.close_on_dns_change:
-                self._watcher = DnsChangeWatcher(self)
+                self._watcher = DnsChangeWatcher(self, self.dns_change_hold)
                 self._watcher.start()
             self._housekeeping = threading.Thread(target=self._housekeep,
                                                   name="tcpproxy-housekeeping")
