@@ -2144,6 +2144,18 @@ class StatusServer(http.server.ThreadingHTTPServer):
         log.debug("status: error serving %s", client_address, exc_info=True)
 
 
+def status_exposure(address, allow):
+    """The warning for a status server on *address* (host, port) beyond
+    loopback with no allow list, or None."""
+    host, port = address
+    if allow or _is_loopback(host):
+        return None
+    return ("status on %s is open to anyone who can reach it: /connections shows every "
+            "client's and upstream's address, /status the mappings and their DNS answers; "
+            "set --status-allow CIDR (or --status 127.0.0.1:%d)"
+            % (_format_hostport(host, port), port))
+
+
 _EMPTY_STATS = _Stats().to_dict()
 
 
@@ -2466,6 +2478,9 @@ class Proxy:
         self._status_server = (server, thread)
         self._own(server.server_address[1], server.server_address[0])
         log.info("status on http://%s/status", _format_hostport(*server.server_address[:2]))
+        warning = status_exposure(server.server_address[:2], self._status_allow)
+        if warning:
+            log.warning("%s", warning)
 
     def _start_server(self, mapping):
         try:
