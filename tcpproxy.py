@@ -24,22 +24,32 @@ logging, signal handlers and resource limits.
 
 Map of this file, in the order a connection's data flows through it:
 
-    Constants and errors   tunables, the errno sets, the ProxyError tree
+    Constants and errors   tunables, the errno sets, the ProxyError tree;
+                           _clip() (escaped, cut text for the log and /status)
     Validation             one function per kind of value: check_port,
                            parse_hostport, parse_allow, check_limit,
-                           check_unique_ports (CLI, backends and Mapping alike)
+                           check_unique_ports (CLI, backends and Mapping alike);
+                           _unusable_address (0.0.0.0/8, ::, multicast),
+                           _is_local (is an address this host's?)
     Mapping                Mapping (one LPORT:HOST:RPORT) and parse_connections
-    Resolver               TTL-obeying DNS cache that serves stale answers
+    Resolver               TTL-obeying DNS cache that serves stale answers,
+                           clamps TTLs and shares lookups under way
+    Upstream health        UpstreamHealth: addresses that refused or timed
+                           out are tried last for a growing hold (passive)
     Registry and Session   the one owner of live sessions and their counters;
-                           DnsChangeWatcher (--close-on-dns-change)
+                           DnsChangeWatcher (--close-on-dns-change, its hold)
     Connection             serve_client(): connect upstream (connect_upstream,
-                           the address fail-over loop), start the pumps,
-                           close; pump() moves one direction's bytes
+                           the address fail-over loop: health order, attempt
+                           cap, deadline, no loops), start the pumps, close;
+                           pump() moves one direction's bytes
     Threads                _WorkerPool: parked, reusable pump threads
     Servers                ProxyServer (a mapping's listener: allow list,
-                           limits, hand-off to serve_client), StatusServer
-                           with /status and /connections and their JSON
-    Proxy                  lifecycle (start, stop, drain) and apply()
+                           limits, hand-off to serve_client; sleeps until a
+                           client or stop), StatusServer with /status and
+                           /connections and their JSON
+    Proxy                  lifecycle (start, stop, drain) and apply(); owns
+                           UpstreamHealth, the housekeeping thread (reaps
+                           idle workers) and own_address() (proxy loops)
     Backends               StaticBackend, load_backend, BackendPoller
     Linux fast paths       libc recv/send, splice pipes, buffers, CPU pinning
     CLI                    flags, signals, main()
