@@ -2945,6 +2945,16 @@ def _positive_float(text):
     return value
 
 
+def _seconds(text):
+    return 0.0 if float(text) == 0 else _positive_float(text)
+
+
+def _attempts(text):
+    if not (_DIGITS.fullmatch(text.strip()) and int(text) > 0):
+        raise ValueError("must be a whole number of 1 or more, not %r" % text)
+    return int(text)
+
+
 def _non_negative_int(text):
     value = int(text)
     if value < 0:
@@ -3024,6 +3034,20 @@ def build_parser():
         % DEFAULT_CONNECT_TIMEOUT)
     add("--close-on-dns-change", action="store_true",
         help="close connections whose upstream address left the DNS answer")
+    add("--connect-deadline", type=_arg_type(_positive_float), default=None,
+        metavar="SECONDS", help="for all attempts to connect one client together "
+        "(default twice --connect-timeout)")
+    add("--connect-attempts", type=_arg_type(_attempts), default=DEFAULT_CONNECT_ATTEMPTS,
+        metavar="N", help="upstream addresses tried per client at most (default %d)"
+        % DEFAULT_CONNECT_ATTEMPTS)
+    add("--dns-min-ttl", type=_arg_type(_seconds), default=0, metavar="SECONDS",
+        help="keep a DNS answer at least this long (default 0: its TTL)")
+    add("--dns-max-ttl", type=_arg_type(_seconds), default=DEFAULT_DNS_MAX_TTL,
+        metavar="SECONDS", help="keep a DNS answer at most this long (default %d)"
+        % DEFAULT_DNS_MAX_TTL)
+    add("--dns-change-hold", type=_arg_type(_seconds), default=None, metavar="SECONDS",
+        help="--close-on-dns-change closes a connection once its address has been out "
+        "of the answer this long (default: the TTL, at least %g)" % DNS_CHANGE_HOLD_MIN)
     add("--allow", action="append", default=[], metavar="CIDR",
         help="only these clients may connect (repeatable; default: anyone)")
     add("--max-connections", type=_arg_type(_non_negative_int), default=0, metavar="N",
@@ -3162,7 +3186,8 @@ def main(argv=None):
     signals.install()
     proxy = poller = None
     try:
-        resolver = Resolver(args.resolver or None, timeout=args.dns_timeout)
+        resolver = Resolver(args.resolver or None, timeout=args.dns_timeout,
+                            min_ttl=args.dns_min_ttl, max_ttl=args.dns_max_ttl)
         backend = load_backend(args.backend, args)
         proxy = Proxy(backend.fetch() if args.backend == "static" else (),
                       listen_host=args.listen_address, resolver=resolver,
@@ -3174,7 +3199,10 @@ def main(argv=None):
                           "name": args.backend, "ok": False,
                           "error": "no successful poll yet"},
                       idle_timeout=args.idle_timeout, allow=args.allow_networks,
-                      max_connections=args.max_connections)
+                      max_connections=args.max_connections,
+                      connect_deadline=args.connect_deadline,
+                      connect_attempts=args.connect_attempts,
+                      dns_change_hold=args.dns_change_hold)
         proxy.start()
         if args.backend != "static":
             poller = BackendPoller(proxy, backend, args.poll_interval).start()
