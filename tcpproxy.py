@@ -1441,17 +1441,19 @@ def connect_upstream(proxy, listener, session):
                 sock.close()
             if session.closed_reason is not None:
                 return None
-            if isinstance(exc, socket.timeout) or exc.errno in (errno.EINPROGRESS,
-                                                                errno.EAGAIN):
+            timed_out = isinstance(exc, socket.timeout) or exc.errno in (errno.EINPROGRESS,
+                                                                         errno.EAGAIN)
+            if timed_out:
                 reason = "timed out after %gs" % round(limit, 3)
             else:
                 reason = exc.strerror or str(exc)
             errors.append("%s: %s" % (_format_hostport(address, port), reason))
             log.info("%d: connect to %s failed: %s", listen_port,
                      _format_hostport(address, port), reason)
-            health.failed(address, port, reason)
-            if attempts == 1:            # DNS may know better than its TTL says
-                proxy.resolver.refresh(host)
+            if timed_out or exc.errno in NET_ERRS:   # the upstream's fault, not ours
+                health.failed(address, port, reason)
+                if attempts == 1:        # DNS may know better than its TTL says
+                    proxy.resolver.refresh(host)
             continue
         _tune(sock)
         if health.down:
