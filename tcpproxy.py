@@ -25,19 +25,25 @@ logging, signal handlers and resource limits.
 Map of this file, in the order a connection's data flows through it:
 
     Constants and errors   tunables, the errno sets, the ProxyError tree,
-                           rate-limited and once-per-change logging
+                           rate-limited and once-per-change logging, _clip()
+                           (escaped, cut text for the log and /status)
     Validation             one function per kind of value: check_port,
                            parse_hostport, parse_allow, check_limit,
                            check_unique_ports (CLI, backends and Mapping alike)
     Mapping                Mapping (one LPORT:HOST:RPORT) and parse_connections
-    Resolver               TTL-obeying DNS cache that serves stale answers
+    Resolver               TTL-obeying DNS cache that serves stale answers,
+                           clamps TTLs and shares lookups under way
+    Upstream health        UpstreamHealth: addresses that refused or timed
+                           out are tried last for a growing hold (passive)
     Registry and Session   the one owner of live sessions and their counters;
-                           DnsChangeWatcher (--close-on-dns-change)
+                           DnsChangeWatcher (--close-on-dns-change, its hold)
     Threads                _WorkerPool: parked, reusable pump threads
     Connection             one client's life in order: ProxyServer (the
-                           mapping's listener: allow list, limits, hand-off),
-                           serve_client() (connect_upstream: the address
-                           fail-over loop; start the pumps; close), pump();
+                           mapping's listener: allow list, limits, hand-off;
+                           it sleeps until a client or stop), serve_client()
+                           (connect_upstream: the address fail-over loop in
+                           health order, attempt cap, deadline, no loops;
+                           start the pumps; close), pump();
                            TLS: tls_accept() (termination), tls_connect()
                            (origination), tls_pump(), TlsContexts
                            PROXY protocol: read_proxy_header(),
@@ -46,7 +52,9 @@ Map of this file, in the order a connection's data flows through it:
                            pinning
     Status server          StatusServer: /status, /connections, /metrics and
                            what they report
-    Proxy                  lifecycle (start, stop, drain) and apply()
+    Proxy                  lifecycle (start, stop, drain) and apply(); owns
+                           UpstreamHealth, the housekeeping thread (reaps
+                           idle workers) and own_address() (proxy loops)
     Backends               StaticBackend, load_backend, BackendPoller
     CLI                    flags, signals, check, health, sd_notify, main()
 """
@@ -114,7 +122,17 @@ FALLBACK_TTL = 5.0                 # re-resolve period without dnspython
 HOSTS_TTL = 5.0                    # how long an /etc/hosts answer is used
 DNS_BACKOFF_MIN = 0.5
 DNS_BACKOFF_MAX = 8.0
-SERVE_POLL_INTERVAL = 0.2          # serve_forever(): how fast shutdown() returns
+SERVE_POLL_INTERVAL = 0.2          # the status server's serve_forever() poll
+LISTEN_POLL_INTERVAL = 60.0        # listeners: a safety net, stop wakes them at once
+REAP_INTERVAL = 0.2                # the housekeeping thread retires idle workers
+DEFAULT_CONNECT_ATTEMPTS = 3       # upstream addresses tried per client
+DEFAULT_DNS_MAX_TTL = 3600         # --dns-max-ttl
+DNS_CHANGE_HOLD_MIN = 5.0          # --dns-change-hold default: max(TTL, this)
+REFRESH_INTERVAL = 1.0             # a connect failure re-resolves a name at most this often
+HOLD_MIN = 2.0                     # an address that failed is skipped this long,
+HOLD_MAX = 60.0                    # doubling with each further failure up to this
+LOCAL_ADDRESS_TTL = 60.0           # how long "is this address ours?" is remembered
+TEXT_LIMIT = 300                   # characters of an error text in the log or /status
 DRAIN_QUIET = 1.0                  # drain closes a session idle this long between exchanges
 DEFAULT_DRAIN_TIMEOUT = 8.0        # below docker stop's 10 s grace period
 ACCEPT_BACKOFF = 0.1               # pause after EMFILE/ENFILE or no thread
@@ -201,6 +219,29 @@ class _RateLimiter:
 _ratelimited = _RateLimiter()
 
 
+def _clip(text, limit=TEXT_LIMIT):
+    """*text* as it may go to the log or /status: control characters (and
+    backslashes, so that an escape cannot be forged) shown as Python escapes,
+    ``\\x1b`` for ESC, and cut to about *limit* characters."""
+    text = str(text)
+    head = text[:limit]
+    if head.isprintable() and "\\" not in head:
+        if len(text) <= limit:
+            return text
+        return "%s... (%d characters cut)" % (head, len(text) - limit)
+    out, size = [], 0
+    for i, c in enumerate(head):
+        if not c.isprintable() or c == "\\":
+            c = "\\\\" if c == "\\" else repr(c)[1:-1]
+        size += len(c)
+        if size > limit:
+            return "%s... (%d characters cut)" % ("".join(out), len(text) - i)
+        out.append(c)
+    if len(text) > limit:
+        out.append("... (%d characters cut)" % (len(text) - limit))
+    return "".join(out)
+
+
 class _OncePerChange:
     """Log a condition when it appears or changes; while it stays the
     same, only a reminder every *remind* seconds saying how often it
@@ -212,7 +253,7 @@ class _OncePerChange:
         self._last = {}                   # key -> [text, when logged, repeats]
 
     def log(self, level, key, msg, *args, extra=None):
-        text = truncate(msg % args if args else msg)
+        text = _clip(msg % args if args else msg)
         now = time.monotonic()
         with self.lock:
             entry = self._last.get(key)
@@ -233,17 +274,6 @@ class _OncePerChange:
 
 
 _once = _OncePerChange()
-MAX_ERROR_TEXT = 500               # characters of an error in the log or /status
-
-
-def truncate(text, limit=MAX_ERROR_TEXT):
-    """*text* cut to *limit* characters, saying how much was cut."""
-    text = str(text)
-    if len(text) <= limit:
-        return text
-    return "%s... (%d more characters)" % (text[:limit], len(text) - limit)
-
-
 _REPR = reprlib.Repr()
 _REPR.maxstring = _REPR.maxother = 80
 _REPR.maxlist = _REPR.maxtuple = _REPR.maxdict = _REPR.maxset = 4
@@ -288,7 +318,41 @@ def _is_ip(text):
 
 _HOSTNAME = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9_]([A-Za-z0-9_-]{0,62})"
                        r"(\.[A-Za-z0-9_]([A-Za-z0-9_-]{0,62}))*\.?$")
+# A name whose last label is a number (127.1, 2130706433, 0x7f.1): inet_aton()
+# and so getaddrinfo() take it as an IPv4 address, not a name to look up.
+_NUMERIC_NAME = re.compile(r"(?:.*\.)?(?:[0-9]+|0[xX][0-9A-Fa-f]*)\.?")
 _DIGITS = re.compile(r"[0-9]+")
+
+
+def _ip(address):
+    """*address* as an ip_address (without a %scope; an IPv4-mapped IPv6
+    address as the IPv4 one), or None if it is not an IP address."""
+    try:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
+    except ValueError:
+        return None
+    return ip.ipv4_mapped if ip.version == 6 and ip.ipv4_mapped else ip
+
+
+_THIS_NETWORK = ipaddress.ip_network("0.0.0.0/8")
+
+
+@functools.lru_cache(maxsize=1024)
+def _unusable_address(address):
+    """Why *address* (an IP string) can never be an upstream, or None:
+    0.0.0.0/8 and :: reach this host itself (a loop, or a surprise), and a
+    multicast address takes no TCP connection.  Cached: connect_upstream()
+    asks for every address it tries."""
+    ip = _ip(address)
+    if ip is None:
+        return "not an IP address"
+    if ip.is_multicast:
+        return "%s is a multicast address" % ip
+    if ip.version == 4 and ip in _THIS_NETWORK or ip.version == 6 and ip.is_unspecified:
+        return "%s means this host (0.0.0.0/8 and :: are not upstream addresses)" % ip
+    return None
+
+
 
 
 def _format_hostport(host, port):
@@ -301,7 +365,7 @@ def check_port(value, what="port", minimum=1):
     if isinstance(value, int) and not isinstance(value, bool):
         number = value
     elif isinstance(value, str) and _DIGITS.fullmatch(value.strip()):
-        number = int(value.strip())
+        number = int(value.strip()) if len(value.strip()) < 20 else -1   # int() caps digits
     else:
         raise ConfigError("%s %s is not a port number (%d-65535)"
                           % (what, short_repr(value), minimum))
@@ -344,11 +408,14 @@ def parse_hostport(text, default_host="127.0.0.1", default_port=None, what="addr
 
 def parse_allow(value, what="allow"):
     """Return a tuple of ip_network objects from CIDR strings (a list, or
-    one string separated by commas or white space) or networks.  None gives
-    ``()`` (no restriction).  Raises ConfigError naming *what* and the bad
-    entry."""
-    if value is None:
+    one string separated by commas or white space) or networks.  None, and
+    the empty tuple that stands for it in Mapping and Proxy, give ``()``
+    (no restriction).  A list or string given but empty (``""``, ``" , "``,
+    ``[]``) fails closed: it is a ConfigError, never "anyone".  Raises
+    ConfigError naming *what* and the bad entry."""
+    if value is None or value == ():
         return ()
+    given = value
     if isinstance(value, (str, ipaddress.IPv4Network, ipaddress.IPv6Network)):
         value = [value]
     elif not isinstance(value, (list, tuple, set, frozenset)):
@@ -371,6 +438,9 @@ def parse_allow(value, what="allow"):
                                   % (what, short_repr(part))) from None
             if net not in nets:
                 nets.append(net)
+    if not nets:
+        raise ConfigError("%s is empty (%s): give at least one CIDR, or leave it out to "
+                          "allow anyone" % (what, short_repr(given)))
     return tuple(nets)
 
 
@@ -379,7 +449,7 @@ def check_limit(value, what="max_connections"):
     of ASCII digits; None gives 0.  Raises ConfigError naming *what*."""
     if value is None:
         return 0
-    if isinstance(value, str) and _DIGITS.fullmatch(value.strip()):
+    if isinstance(value, str) and _DIGITS.fullmatch(value.strip()) and len(value.strip()) < 20:
         return int(value.strip())
     if isinstance(value, (int, float)) and not isinstance(value, bool) \
             and value == value and value not in (float("inf"), float("-inf")) \
@@ -470,13 +540,47 @@ def check_tls(options):
 def _allowed(address, networks):
     if not networks:
         return True
-    try:
-        ip = ipaddress.ip_address(address.split("%", 1)[0])
-    except ValueError:
-        return False
-    if ip.version == 6 and ip.ipv4_mapped:
-        ip = ip.ipv4_mapped
-    return any(ip in net for net in networks)
+    ip = _ip(address)
+    return ip is not None and any(ip in net for net in networks)
+
+
+def _is_loopback(host):
+    ip = _ip(host)
+    return host == "localhost" or (ip is not None and ip.is_loopback)
+
+
+def _same_ip(a, b):
+    ip = _ip(a)
+    return ip is not None and ip == _ip(b)
+
+
+_LOCAL = {}                              # address -> (is local, when checked)
+
+
+def _is_local(address, v4_only=False):
+    """True when *address* is one of this host's: loopback, or an address
+    a socket can bind (checked once a minute per address)."""
+    now = time.monotonic()
+    cached = _LOCAL.get((address, v4_only))
+    if cached is not None and now - cached[1] < LOCAL_ADDRESS_TTL:
+        return cached[0]
+    ip = _ip(address)
+    if ip is None or (v4_only and ip.version != 4):
+        local = False
+    elif ip.is_loopback:
+        local = True
+    else:
+        try:
+            with socket.socket(socket.AF_INET6 if ip.version == 6 else socket.AF_INET,
+                               socket.SOCK_DGRAM) as probe:
+                probe.bind((str(ip), 0))
+            local = True
+        except OSError:
+            local = False
+    if len(_LOCAL) > 1024:
+        _LOCAL.clear()
+    _LOCAL[(address, v4_only)] = (local, now)
+    return local
 
 
 # Mapping #####################################################################
@@ -511,7 +615,7 @@ class Mapping:
     accept_proxy: bool = False
 
     def __post_init__(self):
-        spec = "%s:%s:%s" % (self.listen_port, self.host, self.port)
+        spec = "%s:%s" % (self.listen_port, _format_hostport(str(self.host), self.port))
         try:
             object.__setattr__(self, "listen_port",
                                check_port(self.listen_port, "listen port", minimum=0))
@@ -529,8 +633,19 @@ class Mapping:
         if host.startswith("[") and host.endswith("]"):
             host = host[1:-1]
         if not host or not (_is_ip(host) or _HOSTNAME.match(host)):
-            raise ConfigError("invalid connection %s: bad host %s"
-                              % (short_repr(spec), short_repr(self.host)))
+            raise ConfigError("invalid connection %s: bad host %s" % (short_repr(spec),
+                                                                     short_repr(self.host)))
+        if _is_ip(host):
+            reason = _unusable_address(host)
+            if reason:
+                raise ConfigError("invalid connection %s: bad target: %s" % (short_repr(spec), reason))
+        elif _NUMERIC_NAME.fullmatch(host):
+            try:
+                hint = ": %s" % socket.inet_ntoa(socket.inet_aton(host))
+            except OSError:
+                hint = ""
+            raise ConfigError("invalid connection %s: bad host %r: a number, not a name "
+                              "(write the IP address in full%s)" % (short_repr(spec), host, hint))
         object.__setattr__(self, "host", host)
 
     @classmethod
@@ -591,12 +706,15 @@ class _Entry:
     """Cached answer for one name; guarded by its condition."""
 
     __slots__ = ("cond", "addresses", "expires", "retry_at", "backoff", "busy",
-                 "error", "stale", "updated", "source", "lookups_ok", "lookups_failed",
-                 "changes")
+                 "error", "stale", "updated", "source", "ttl", "serial", "refreshed",
+                 "lookups_ok", "lookups_failed", "changes")
 
     def __init__(self):
         self.cond = threading.Condition(threading.Lock())
         self.addresses = ()
+        self.ttl = None
+        self.serial = 0                 # lookups finished, to share the one under way
+        self.refreshed = None           # last refresh() (a connect failure asked)
         self.expires = 0.0
         self.retry_at = 0.0
         self.backoff = 0.0
@@ -614,20 +732,28 @@ class Resolver:
     Methods for the caller:
 
     - lookup(host) -> list of address strings
+    - refresh(host): look again now, in the background (a connect failed)
     - info(host) -> dict describing the cached answer
     - add_listener(callback): callback(host, old, new) on every changed answer
 
     An answer is used until its TTL expires (the smallest TTL along a CNAME
-    chain); TTL 0 means a lookup per call.  Concurrent callers for an
-    expired name share one lookup.  When a lookup fails the last good answer
-    is served (stale) and lookups are retried with backoff, so callers do
-    not each wait for a DNS timeout.  Names in the hosts file are answered
-    from it; without dnspython the system resolver is used and answers are
-    kept for FALLBACK_TTL seconds.
+    chain), clamped to *min_ttl*..*max_ttl*; TTL 0 means a lookup per call.
+    Concurrent callers share one lookup: a caller that finds a lookup under
+    way waits for it and takes its answer, even with TTL 0.  When a lookup
+    fails the last good answer is served (stale) and lookups are retried
+    with backoff, so callers do not each wait for a DNS timeout.  Names in
+    the hosts file are answered from it; without dnspython the system
+    resolver is used and answers are kept for FALLBACK_TTL seconds.
     """
 
     def __init__(self, nameservers=None, *, timeout=DEFAULT_DNS_TIMEOUT,
-                 hosts_file="/etc/hosts", clock=time.monotonic):
+                 hosts_file="/etc/hosts", clock=time.monotonic, min_ttl=0,
+                 max_ttl=DEFAULT_DNS_MAX_TTL):
+        if not 0 <= min_ttl <= max_ttl:
+            raise ConfigError("--dns-min-ttl %s and --dns-max-ttl %s: need 0 <= min <= max"
+                              % (short_repr(min_ttl), short_repr(max_ttl)))
+        self.min_ttl = min_ttl
+        self.max_ttl = max_ttl
         self.timeout = timeout
         self.hosts_file = hosts_file
         self.clock = clock
@@ -691,8 +817,17 @@ class Resolver:
             return [host]
         entry = self._entry(host)
         with entry.cond:
+            shared = None                # the serial of the lookup we wait for
             while True:
                 now = self.clock()
+                if shared is not None and entry.serial != shared:
+                    # The lookup under way when we came has ended (or we
+                    # waited as long as it may take): its answer is as
+                    # fresh as one of our own, whatever its TTL.
+                    if entry.addresses:
+                        return list(entry.addresses)
+                    raise ResolveError("cannot resolve %s: %s"
+                                       % (host, entry.error or "timed out"))
                 if entry.addresses:
                     if now < entry.expires:
                         return list(entry.addresses)
@@ -703,22 +838,34 @@ class Resolver:
                             entry.busy = True
                             self._refresh_in_background(host, entry)
                         return list(entry.addresses)
-                    if entry.busy:
-                        # Share the lookup under way, for at most the grace
-                        # second past expiry.
-                        grace = entry.expires + 1.0 - now
-                        if grace <= 0:
-                            return list(entry.addresses)
-                        entry.cond.wait(grace)
-                        continue
                 elif now < entry.retry_at:
                     raise ResolveError("cannot resolve %s: %s" % (host, entry.error))
-                elif entry.busy:
-                    entry.cond.wait(self.timeout + 1.0)
+                if entry.busy:
+                    shared = entry.serial
+                    if not entry.cond.wait(self.timeout + 1.0):
+                        shared = -1          # as long as a lookup may take
                     continue
                 entry.busy = True
                 break
         return self._refresh(host, entry)
+
+    def refresh(self, host):
+        """Look *host* up again now, in the background: a connect to one of
+        its addresses failed, and DNS may have moved on before the TTL ran
+        out (a failover).  Callers meanwhile get the cached answer.  At most
+        one lookup at a time and one refresh per REFRESH_INTERVAL per name."""
+        if _is_ip(host):
+            return
+        entry = self._entry(host)
+        with entry.cond:
+            now = self.clock()
+            if entry.busy or (entry.refreshed is not None
+                              and now - entry.refreshed < REFRESH_INTERVAL):
+                return
+            entry.refreshed = now
+            entry.busy = True
+            log.debug("re-resolving %s now: a connect to its address failed", host)
+            self._refresh_in_background(host, entry)
 
     def _refresh_in_background(self, host, entry):
         def retry():
@@ -763,6 +910,7 @@ class Resolver:
                 first = entry.error is None or not entry.stale
                 entry.error = reason
                 entry.stale = bool(entry.addresses)
+                entry.serial += 1
                 entry.cond.notify_all()
                 addresses = list(entry.addresses)
             if addresses:
@@ -776,12 +924,15 @@ class Resolver:
             _ratelimited.log(logging.WARNING, ("dns", host), "cannot resolve %s: %s",
                              host, reason)
             raise ResolveError("cannot resolve %s: %s" % (host, reason)) from None
+        ttl = min(max(ttl, self.min_ttl), self.max_ttl)
         with entry.cond:
             entry.busy = False
             entry.lookups_ok += 1
             if old and set(old) != set(addresses):
                 entry.changes += 1
             entry.addresses = tuple(addresses)
+            entry.ttl = ttl
+            entry.serial += 1
             entry.expires = started + ttl
             entry.retry_at = 0.0
             entry.backoff = 0.0
@@ -797,17 +948,17 @@ class Resolver:
             fields = {"event": "dns_change", "host": host, "old": list(old),
                       "new": list(addresses), "ttl": ttl}
             if old:
-                log.info("DNS answer for %s changed: %s -> %s (ttl %ds)", host,
+                log.info("DNS answer for %s changed: %s -> %s (ttl %gs)", host,
                          ", ".join(old), ", ".join(addresses), ttl, extra=fields)
             else:
-                log.info("DNS answer for %s: %s (ttl %ds)", host, ", ".join(addresses), ttl,
+                log.info("DNS answer for %s: %s (ttl %gs)", host, ", ".join(addresses), ttl,
                          extra=fields)
             with self.lock:
                 listeners = list(self._listeners)
             for callback in listeners:
                 callback(host, old, tuple(addresses))
         else:
-            log.debug("DNS answer for %s: %s (ttl %ds)", host, ", ".join(addresses), ttl)
+            log.debug("DNS answer for %s: %s (ttl %gs)", host, ", ".join(addresses), ttl)
         return list(addresses)
 
     def expires_in(self, host):
@@ -824,7 +975,7 @@ class Resolver:
         """A snapshot of what is cached for *host*."""
         if _is_ip(host):
             return {"addresses": [host], "expires_in": None, "stale": False,
-                    "error": None, "source": "literal", "lookups_ok": 0,
+                    "error": None, "source": "literal", "ttl": None, "lookups_ok": 0,
                     "lookups_failed": 0, "changes": 0}
         entry = self._entry(host)
         with entry.cond:
@@ -832,8 +983,8 @@ class Resolver:
             return {"addresses": list(entry.addresses),
                     "expires_in": None if expires_in is None else round(max(expires_in, 0.0), 3),
                     "stale": entry.stale, "error": entry.error, "source": entry.source,
-                    "lookups_ok": entry.lookups_ok, "lookups_failed": entry.lookups_failed,
-                    "changes": entry.changes}
+                    "ttl": entry.ttl, "lookups_ok": entry.lookups_ok,
+                    "lookups_failed": entry.lookups_failed, "changes": entry.changes}
 
     @staticmethod
     def _describe(exc):
@@ -844,8 +995,7 @@ class Resolver:
                 return "no nameserver answered (SERVFAIL or REFUSED)"
             if isinstance(exc, dns.exception.Timeout):
                 return "timed out"
-        text = str(exc) or exc.__class__.__name__
-        return text if len(text) < 200 else text[:197] + "..."
+        return _clip(str(exc) or exc.__class__.__name__)
 
     def _hosts_lookup(self, host):
         try:
@@ -900,6 +1050,110 @@ class Resolver:
             raise ResolveError("no A or AAAA records")
         ttl = max(0, int(round(expiration - time.time())))
         return found, ttl, "dns"
+
+
+# Upstream health #############################################################
+
+class UpstreamHealth:
+    """Passive health of upstream addresses: which ``(address, port)``
+    refused or timed out lately.
+
+    A failed connect holds the address down for *hold_min* seconds,
+    doubling with every further failure up to *hold_max*.  New connections
+    try the addresses that are up first and the held ones last (best
+    first: the hold that ends soonest), so a held address is only tried
+    when every other one failed too.  When its hold ends it goes back into
+    the rotation, and the first connection that comes to it claims it (a
+    live connect is the probe; the trial holds it for *trial* seconds
+    more, so that concurrent connections do not all try it): success marks
+    it up, failure holds it longer.
+
+    Methods for the caller: order(addresses, port), claim(address, port),
+    failed(address, port, reason), succeeded(address, port),
+    snapshot(addresses, port).  ``down``
+    is empty while every upstream is healthy: connect_upstream() tests it
+    without a lock and calls nothing else then.
+    """
+
+    def __init__(self, hold_min=HOLD_MIN, hold_max=HOLD_MAX, trial=DEFAULT_CONNECT_TIMEOUT,
+                 clock=time.monotonic):
+        self.hold_min = hold_min
+        self.hold_max = hold_max
+        self.trial = trial
+        self.clock = clock
+        self.lock = threading.Lock()
+        self.down = {}                  # (address, port) -> [until, failures]
+
+    def order(self, addresses, port):
+        """*addresses* (in rotation order) as a connection should try them,
+        and how many of them come first: the ones that are up or whose
+        hold ended, in rotation order, then the held ones, best first."""
+        now = self.clock()
+        first, held = [], []
+        with self.lock:
+            for address in addresses:
+                state = self.down.get((address, port))
+                if state is None or state[0] <= now:
+                    first.append(address)
+                else:
+                    held.append((state[0], address))
+        held.sort()
+        return first + [address for _, address in held], len(first)
+
+    def claim(self, address, port):
+        """May a connection try (*address*, *port*) now?  Yes when it is up;
+        when its hold ended, yes for one connection (it holds the address
+        for *trial* seconds more, so concurrent ones do not all try it)."""
+        now = self.clock()
+        with self.lock:
+            state = self.down.get((address, port))
+            if state is None:
+                return True
+            if state[0] <= now:
+                state[0] = now + self.trial
+                return True
+            return False
+
+    def failed(self, address, port, reason):
+        """Hold (*address*, *port*) down, longer with each failure in a row."""
+        now = self.clock()
+        with self.lock:
+            state = self.down.get((address, port))
+            if state is None:
+                if len(self.down) >= 10000:       # addresses long gone from DNS
+                    self.down = {k: v for k, v in self.down.items()
+                                 if v[0] > now - self.hold_max}
+                state = self.down[(address, port)] = [now, 0]
+            state[1] += 1
+            hold = min(self.hold_min * 2 ** min(state[1] - 1, 30), self.hold_max)
+            state[0] = now + hold
+            failures = state[1]
+        _ratelimited.log(logging.WARNING, ("down", address, port),
+                         "upstream %s is down (%s, %d failure(s) in a row): new connections "
+                         "try it last for %gs", _format_hostport(address, port), reason,
+                         failures, hold)
+
+    def succeeded(self, address, port):
+        """Mark (*address*, *port*) up (a connect to it worked)."""
+        with self.lock:
+            state = self.down.pop((address, port), None)
+        if state is not None:
+            _ratelimited.log(logging.WARNING, ("up", address, port), "upstream %s is up again "
+                             "after %d failure(s)", _format_hostport(address, port), state[1])
+
+    def snapshot(self, addresses, port):
+        """[{address, up, down_until, failures}] for /status: an address is
+        up until a connect fails and again once one works; down_until is
+        when new connections try it again."""
+        now, wall = self.clock(), time.time()
+        out = []
+        with self.lock:
+            for address in addresses:
+                until, failures = self.down.get((address, port), (None, 0))
+                out.append({"address": _format_hostport(address, port), "up": until is None,
+                            "down_until": None if until is None else _iso(wall + until - now),
+                            "failures": failures})
+        return out
 
 
 # Registry and Session ########################################################
@@ -1156,12 +1410,20 @@ class Registry:
 
 class DnsChangeWatcher:
     """--close-on-dns-change: re-resolve the names live mappings use when
-    their answers expire, and close sessions whose upstream address left
-    the answer.  Methods for the caller: start(), stop(deadline)."""
+    their answers expire, and close the sessions whose upstream address has
+    been out of the answer for *hold* seconds (None: the answer's TTL, at
+    least DNS_CHANGE_HOLD_MIN).  Mere rotation between live addresses (an
+    address leaves the answer and comes back within the hold) closes
+    nothing; a failover closes within TTL + hold.  Methods for the caller:
+    start(), stop(deadline)."""
 
-    def __init__(self, proxy):
+    def __init__(self, proxy, hold=None):
         self.proxy = proxy
+        self.hold = hold
+        self.lock = threading.Lock()
+        self._gone = {}                 # (host, address) -> when it left the answer
         self._stop = threading.Event()
+        self._wake = threading.Event()
         self._thread = threading.Thread(target=self._run, name="tcpproxy-dns-watch")
 
     def start(self):
@@ -1170,25 +1432,62 @@ class DnsChangeWatcher:
 
     def stop(self, deadline):
         self._stop.set()
+        self._wake.set()
         if self._thread.ident is not None:
             self._thread.join(max(0.0, deadline - time.monotonic()))
 
     def changed(self, host, old, new):
+        """A Resolver listener: note which addresses left the answer and
+        which came back; the thread closes sessions when a hold ends."""
         if not old:
             return
-        keep = set(new)
-        ports = {port for port, s in self.proxy.servers.items() if s.mapping.host == host}
-        for session in self.proxy.registry.sessions():
-            if (session.listen_port in ports and session.upstream_address
-                    and session.upstream_address[0] not in keep):
-                log.warning("%d: closing %s: %s no longer resolves to %s",
-                            session.listen_port, _format_hostport(*session.client[:2]),
-                            host, session.upstream_address[0])
-                session.abort("DNS changed", reset=True)
+        now = time.monotonic()
+        with self.lock:
+            for address in set(old) - set(new):
+                self._gone.setdefault((host, address), now)
+            for address in new:
+                self._gone.pop((host, address), None)
+        self._wake.set()
+
+    def _hold(self, host):
+        if self.hold is not None:
+            return self.hold
+        return max(self.proxy.resolver.info(host)["ttl"] or 0, DNS_CHANGE_HOLD_MIN)
+
+    def close_due(self, now):
+        """Close the sessions on addresses gone for their hold; return the
+        seconds until the next hold ends (None: none pending)."""
+        with self.lock:
+            gone = dict(self._gone)
+        if not gone:
+            return None
+        holds = {host: self._hold(host) for host, _ in gone}
+        due, next_due = {}, None
+        for (host, address), since in gone.items():
+            left = since + holds[host] - now
+            if left <= 0:
+                due[(host, address)] = now - since
+            elif next_due is None or left < next_due:
+                next_due = left
+        if due:
+            for session in self.proxy.registry.sessions():
+                upstream = session.upstream_address
+                gone_for = upstream and due.get((session.target[0], upstream[0]))
+                if gone_for is not None and session.closed_reason is None:
+                    log.warning("%d: closing %s: %s has not resolved to %s for %gs",
+                                session.listen_port, _format_hostport(*session.client[:2]),
+                                session.target[0], upstream[0], round(gone_for, 1))
+                    session.abort("DNS changed", reset=True)
+            with self.lock:             # a minute on, no late session can be left
+                for key, gone_for in due.items():
+                    if gone_for > holds[key[0]] + 60 and self._gone.get(key) == gone[key]:
+                        del self._gone[key]
+        return next_due
 
     def _run(self):
         resolver = self.proxy.resolver
         while not self._stop.is_set():
+            self._wake.clear()
             wait = 5.0
             hosts = {s.mapping.host for s in self.proxy.servers.values()
                      if not _is_ip(s.mapping.host)}
@@ -1201,8 +1500,11 @@ class DnsChangeWatcher:
                         pass
                     remaining = resolver.expires_in(host)
                 if remaining is not None:
-                    wait = min(wait, max(remaining, 0.0))
-            self._stop.wait(max(wait, 0.5))
+                    wait = min(wait, max(remaining, 0.5))
+            due = self.close_due(time.monotonic())
+            if due is not None:
+                wait = min(wait, max(due, 0.05))
+            self._wake.wait(wait)
 
 
 # Threads #####################################################################
@@ -1386,7 +1688,8 @@ class ProxyServer(socketserver.ThreadingTCPServer):
     Methods for the caller: serve_forever(), stop_accepting(),
     server_close(), set_mapping(mapping), port.  Overridden hooks:
     server_bind(), get_request(), verify_request(), process_request(),
-    shutdown_request(), service_actions(), handle_error().
+    shutdown_request(), handle_error(); and serve_forever() itself, which
+    sleeps until a client comes or stop_accepting() wakes it.
     """
 
     allow_reuse_address = True
@@ -1486,18 +1789,36 @@ class ProxyServer(socketserver.ThreadingTCPServer):
         # socketserver's path for a client that verify_request() refused.
         _reset_close(request)
 
-    def service_actions(self):
-        # Called by serve_forever() every SERVE_POLL_INTERVAL.
-        self.proxy.workers.reap()
-
     def handle_error(self, request, client_address):
         log.exception("%d: error handling %s", self.port, client_address)
 
+    def serve_forever(self, poll_interval=LISTEN_POLL_INTERVAL):
+        """Accept clients until stop_accepting().  socketserver's loop
+        wakes every *poll_interval* to see whether shutdown() was called;
+        with thousands of mappings those wake-ups alone take a CPU.  This
+        one sleeps in poll() until a client comes or stop_accepting() shuts
+        the listening socket down, which wakes it at once (*poll_interval*
+        is only a safety net).  socketserver's shutdown() does not apply."""
+        poller = select.poll()
+        poller.register(self.socket, select.POLLIN)
+        timeout = int(poll_interval * 1000)
+        stopping = self._stopping
+        while not stopping.is_set():
+            if poller.poll(timeout) and not stopping.is_set():
+                self._handle_request_noblock()
+
     def stop_accepting(self):
-        """End serve_forever() and close the listening socket."""
+        """Refuse new clients and wake serve_forever(), which returns: shut
+        the listening socket down (the port refuses connections from now
+        on).  Does not wait, so that thousands of listeners stop at once;
+        join the serve_forever() thread, then server_close()."""
+        if self._stopping.is_set():
+            return
         self._stopping.set()
-        self.shutdown()
-        self.socket.close()
+        try:
+            self.socket.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
 
 
 class _SpareDescriptor:
@@ -1619,9 +1940,12 @@ def serve_client(proxy, listener, session, partner):
 
 
 def connect_upstream(proxy, listener, session):
-    """Connect *session* to its target, trying every address of the name
-    from a rotating start; return the socket or None (reason logged, the
-    session aborted)."""
+    """Connect *session* to its target: try the addresses of the name from
+    a rotating start, the ones held down by UpstreamHealth last, at most
+    ``proxy.connect_attempts`` of them and for ``proxy.connect_deadline``
+    seconds in all, skipping addresses that cannot be an upstream (see
+    _unusable_address) or are this proxy's own listeners (a loop).  Return
+    the socket or None (reason logged, the session aborted)."""
     host, port = session.target
     listen_port = session.listen_port
     try:
@@ -1634,11 +1958,38 @@ def connect_upstream(proxy, listener, session):
         session.abort("cannot resolve %s" % host)
         return None
     start = next(listener.rotation) % len(addresses)
-    errors = []
-    kind = "other"
-    for address in addresses[start:] + addresses[:start]:
+    addresses = addresses[start:] + addresses[:start]
+    health = proxy.health
+    fallback = len(addresses)            # from here on: held down, tried anyway
+    if health.down:                      # some upstream failed lately
+        addresses, fallback = health.order(addresses, port)
+    errors, skipped = [], []
+    attempts = 0
+    kind = "other"                       # why the last attempt failed, for /metrics
+    limit, timeval = proxy.first_connect_timeout, proxy.connect_timeval
+    deadline = time.monotonic() + proxy.connect_deadline
+    for i, address in enumerate(addresses):
         if session.closed_reason is not None:
             return None
+        refusal = _unusable_address(address) or (
+            port in proxy.own_ports and proxy.own_address(address, port))
+        if refusal:
+            skipped.append("%s: %s" % (_format_hostport(address, port), refusal))
+            continue
+        if attempts:
+            remaining = deadline - time.monotonic()
+            if attempts >= proxy.connect_attempts or remaining <= 0:
+                errors.append("gave up after %d attempt(s) in %gs (--connect-attempts %d, "
+                              "--connect-deadline %g)" % (
+                                  attempts, round(proxy.connect_deadline - remaining, 1),
+                                  proxy.connect_attempts, proxy.connect_deadline))
+                break
+            if remaining < limit:
+                limit, timeval = remaining, _timeval(remaining)
+        if i < fallback and health.down and not health.claim(address, port):
+            addresses.append(address)    # another connection is trying it: last
+            continue
+        attempts += 1
         family = socket.AF_INET6 if ":" in address else socket.AF_INET
         try:
             sock = socket.socket(family, socket.SOCK_STREAM)
@@ -1653,7 +2004,7 @@ def connect_upstream(proxy, listener, session):
         try:
             # SO_SNDTIMEO bounds a blocking connect() (EINPROGRESS when it
             # expires): two syscalls instead of settimeout()'s four fcntl.
-            _send_timeout(proxy.libc, sock, proxy.connect_timeval)
+            _send_timeout(proxy.libc, sock, timeval)
             sock.connect((address, port))
             _send_timeout(proxy.libc, sock, _TIMEVAL_ZERO)
         except OSError as exc:
@@ -1662,17 +2013,26 @@ def connect_upstream(proxy, listener, session):
                 sock.close()
             if session.closed_reason is not None:
                 return None
-            kind = _FAILURE_KINDS.get(exc.errno, "other")
-            if isinstance(exc, socket.timeout) or exc.errno in (errno.EINPROGRESS,
-                                                                errno.EAGAIN):
-                kind, reason = "timeout", "timed out after %gs" % proxy.connect_timeout
+            timed_out = isinstance(exc, socket.timeout) or exc.errno in (errno.EINPROGRESS,
+                                                                         errno.EAGAIN)
+            if timed_out:
+                kind, reason = "timeout", "timed out after %gs" % round(limit, 3)
             else:
-                reason = exc.strerror or str(exc)
+                kind, reason = _FAILURE_KINDS.get(exc.errno, "other"), exc.strerror or str(exc)
             errors.append("%s: %s" % (_format_hostport(address, port), reason))
             log.info("%d: connect to %s failed: %s", listen_port,
                      _format_hostport(address, port), reason)
+            if timed_out or exc.errno in NET_ERRS:   # the upstream's fault, not ours
+                health.failed(address, port, reason)
+                if attempts == 1:        # DNS may know better than its TTL says
+                    proxy.resolver.refresh(host)
             continue
         _tune(sock)
+        if health.down:
+            health.succeeded(address, port)
+        for reason in skipped:
+            _ratelimited.log(logging.WARNING, ("skipped", listen_port, reason),
+                             "%d: skipped %s", listen_port, reason)
         if session.closed_reason is not None:
             return None                   # finish_session() closes it
         session.upstream_address = (address, port)
@@ -1680,10 +2040,17 @@ def connect_upstream(proxy, listener, session):
     _ratelimited.log(logging.WARNING, ("connect", listen_port),
                      "%d: closing client %s: no upstream for %d:%s accepted (%s)",
                      listen_port, _format_hostport(*session.client[:2]), listen_port,
-                     _format_hostport(host, port), "; ".join(errors) or "no address")
-    proxy.registry.count_failed(listen_port, kind)
+                     _format_hostport(host, port), _clip("; ".join(skipped + errors))
+                     or "no address")
+    proxy.registry.count_failed(listen_port, kind if attempts else "unusable")
     session.abort("upstream unreachable", reset=True)
     return None
+
+
+def _timeval(seconds):
+    """struct timeval for SO_SNDTIMEO (at least 1 ms: 0 would mean never)."""
+    seconds = max(seconds, 0.001)
+    return struct.pack("ll", int(seconds), int((seconds % 1) * 1e6))
 
 
 def _send_timeout(libc, sock, timeval):
@@ -2852,10 +3219,12 @@ class StatusHandler(http.server.BaseHTTPRequestHandler):
             self.wfile.write(data)
 
     def log_message(self, format, *args):  # noqa: A002 - http.server's name
-        log.debug("status %s: " + format, self.client_address[0], *args)
+        # The request line is the client's: escaped, as http.server's own
+        # log_message() does, so that it cannot forge log lines.
+        log.debug("status %s: %s", self.client_address[0], _clip(format % args))
 
     def log_error(self, format, *args):  # noqa: A002
-        log.debug("status %s: " + format, self.client_address[0], *args)
+        self.log_message(format, *args)
 
 
 class StatusServer(http.server.ThreadingHTTPServer):
@@ -2902,7 +3271,7 @@ class StatusServer(http.server.ThreadingHTTPServer):
     def verify_request(self, request, client_address):
         # Loopback may ask for the public paths whatever --status-allow
         # says; StatusHandler refuses it the others.
-        if _allowed(client_address[0], self.allow) or _is_loopback(client_address[0]):
+        if _allowed(client_address[0], self.allow) or _is_host_client(client_address[0]):
             return True
         _ratelimited.log(logging.WARNING, "status-acl",
                          "status: refused %s: not in --status-allow", client_address[0])
@@ -2992,9 +3361,21 @@ class StatusServer(http.server.ThreadingHTTPServer):
             spare.release()
 
 
-def _is_loopback(address):
+def _is_host_client(address):
     """127.0.0.1 or ::1 (an IPv4-mapped one too): the host's own clients."""
     return address in ("127.0.0.1", "::1", "::ffff:127.0.0.1")
+
+
+def status_exposure(address, allow):
+    """The warning for a status server on *address* (host, port) beyond
+    loopback with no allow list, or None."""
+    host, port = address
+    if allow or _is_loopback(host):
+        return None
+    return ("status on %s is open to anyone who can reach it: /connections shows every "
+            "client's and upstream's address, /status the mappings and their DNS answers; "
+            "set --status-allow CIDR (or --status 127.0.0.1:%d)"
+            % (_format_hostport(host, port), port))
 
 
 _EMPTY_STATS = _Stats().to_dict()
@@ -3078,7 +3459,8 @@ class _Exposition:
 
 
 REFUSAL_REASONS = ("allow", "limit", "draining")
-FAILURE_REASONS = ("resolve", "refused", "timeout", "unreachable", "tls", "other")
+FAILURE_REASONS = ("resolve", "refused", "timeout", "unreachable", "unusable", "tls",
+                   "other")
 
 
 def metrics_text(proxy):
@@ -3237,6 +3619,7 @@ def status_report(proxy):
             "listening": listening, "addresses": dns_info["addresses"],
             "expires_in": dns_info["expires_in"], "stale": dns_info["stale"],
             "dns_error": dns_info["error"], "failing": server.failing,
+            "upstreams": proxy.health.snapshot(dns_info["addresses"], mapping.port),
             "allow": [str(n) for n in mapping.allow],
             "max_connections": mapping.max_connections,
             "tls": TlsContexts.describe(server.tls)}))
@@ -3268,25 +3651,37 @@ class Proxy:
     """A set of port mappings served by ProxyServers, plus status.
 
     Methods for the caller: start(), apply(mappings), mappings, servers,
-    connections(), status(), stop(timeout, drain), set_backend_state();
-    use it as a context manager to start and stop it.  Keyword arguments
-    are the command line's options (see build_parser()); *splice* and
-    *libc_io* choose the fast paths (default: where available); *tls* is a
-    {TLS_FIELDS name: value} dict that applies to every mapping that does
-    not set its own.
+    connections(), status(), stop(timeout, drain), end_drain(),
+    set_backend_state(), own_address(address, port); use it as a context
+    manager to start and stop it.  Keyword arguments are the command
+    line's options (see build_parser()); *splice* and *libc_io* choose the
+    fast paths (default: where available); *tls* is a {TLS_FIELDS name:
+    value} dict that applies to every mapping that does not set its own.
+    It owns the passive health of upstreams (*health*, an UpstreamHealth)
+    and one housekeeping thread that retires idle workers.
     """
 
     def __init__(self, mappings=(), *, listen_host="0.0.0.0", resolver=None,
                  connect_timeout=DEFAULT_CONNECT_TIMEOUT, close_on_dns_change=False,
                  name=None, status_address=None, status_allow=(), backend_info=None,
                  idle_timeout=None, allow=(), max_connections=0, splice=None,
-                 libc_io=None, tls=None, accept_proxy_from=()):
+                 libc_io=None, tls=None, accept_proxy_from=(), connect_deadline=None,
+                 connect_attempts=DEFAULT_CONNECT_ATTEMPTS, dns_change_hold=None):
         self.listen_host = listen_host
         self.resolver = resolver if resolver is not None else Resolver()
         self.connect_timeout = connect_timeout
-        self.connect_timeval = struct.pack(
-            "ll", int(connect_timeout), int((connect_timeout % 1) * 1e6))
+        self.connect_deadline = (2 * connect_timeout if connect_deadline is None
+                                 else connect_deadline)
+        self.connect_attempts = check_limit(connect_attempts, "--connect-attempts")
+        if not self.connect_attempts or not self.connect_deadline > 0:
+            raise ConfigError("--connect-attempts %s and --connect-deadline %s must be more "
+                              "than 0" % (short_repr(connect_attempts), short_repr(connect_deadline)))
+        self.first_connect_timeout = min(connect_timeout, self.connect_deadline)
+        self.connect_timeval = _timeval(self.first_connect_timeout)
+        self.health = UpstreamHealth(trial=self.first_connect_timeout)
+        self.own_ports = {}             # port -> hosts this proxy listens on (loops)
         self.close_on_dns_change = close_on_dns_change
+        self.dns_change_hold = dns_change_hold
         self.name = name
         self.idle_timeout = idle_timeout or None
         self.allow = parse_allow(allow, "--allow")
@@ -3312,6 +3707,8 @@ class Proxy:
         self._backend_lock = threading.Lock()
         self._watcher = None
         self._drain_cut = threading.Event()
+        self._housekeeping = None
+        self._housekeeping_stop = threading.Event()
 
     def __enter__(self):
         self.start()
@@ -3336,6 +3733,29 @@ class Proxy:
         """{listen_port: ProxyServer}; a copy, taken without the apply/stop
         lock so that /status answers while a drain holds it."""
         return dict(self._servers)
+
+    def own_address(self, address, port):
+        """Why connecting to (*address*, *port*) would loop back into this
+        proxy (one of its listeners or its status server, a wildcard
+        listener meaning every local address), or None."""
+        for host in self.own_ports.get(port, ()):
+            if host in ("0.0.0.0", "::"):
+                if _is_local(address, v4_only=host == "0.0.0.0"):
+                    return "this proxy listens on port %d of every local address " \
+                           "(a proxy loop)" % port
+            elif _same_ip(host, address):
+                return "this proxy listens there (a proxy loop)"
+        return None
+
+    def _own(self, port, host, add=True):
+        # Connections read own_ports without a lock: one get() at a time
+        # (atomic), and the value is a tuple that is replaced, never changed.
+        hosts = tuple(h for h in self.own_ports.get(port, ()) if h != host)
+        hosts += (host,) if add else ()
+        if hosts:
+            self.own_ports[port] = hosts
+        else:
+            self.own_ports.pop(port, None)
 
     def is_draining(self):
         return self.state in ("draining", "stopping", "stopped")
@@ -3375,8 +3795,11 @@ class Proxy:
                 self.stop(timeout=1.0)
                 raise
             if self.close_on_dns_change:
-                self._watcher = DnsChangeWatcher(self)
+                self._watcher = DnsChangeWatcher(self, self.dns_change_hold)
                 self._watcher.start()
+            self._housekeeping = threading.Thread(target=self._housekeep,
+                                                  name="tcpproxy-housekeeping")
+            self._housekeeping.start()
             self.state = "running"
             log.info("tcpproxy %s started: %s", __version__,
                      ", ".join(m.spec for m in self.mappings) or "no mappings yet",
@@ -3404,7 +3827,7 @@ class Proxy:
                         self._start_server(mapping)
                         _once.clear(("listen", port))
                     except ConfigError as exc:
-                        failures[mapping.spec] = str(exc)
+                        failures[mapping.spec] = _clip(exc)
                         _once.log(logging.ERROR, ("listen", port), "%s", exc)
                 elif server.mapping != mapping:
                     log.info("%d: mapping changed: %s -> %s (open connections stay "
@@ -3449,6 +3872,9 @@ class Proxy:
                 server.server_close()
                 server.join(deadline)
                 self._status_server = None
+            if self._housekeeping is not None:
+                self._housekeeping_stop.set()
+                self._housekeeping.join(max(0.0, deadline - time.monotonic()))
             leftover = self.workers.close(deadline)
             if leftover:
                 log.warning("%d worker thread(s) did not end in time: %s", len(leftover),
@@ -3498,7 +3924,11 @@ class Proxy:
                                   kwargs={"poll_interval": SERVE_POLL_INTERVAL})
         thread.start()
         self._status_server = (server, thread)
+        self._own(server.server_address[1], server.server_address[0])
         log.info("status on http://%s/status", _format_hostport(*server.server_address[:2]))
+        warning = status_exposure(server.server_address[:2], self._status_allow)
+        if warning:
+            log.warning("%s", warning)
 
     def _start_server(self, mapping):
         try:
@@ -3508,17 +3938,18 @@ class Proxy:
                 _format_hostport(self.listen_host, mapping.listen_port), mapping,
                 exc.strerror or exc)) from None
         port = server.port
-        thread = threading.Thread(target=server.serve_forever, name="tcpproxy-listen-%d" % port,
-                                  kwargs={"poll_interval": SERVE_POLL_INTERVAL})
+        thread = threading.Thread(target=server.serve_forever, name="tcpproxy-listen-%d" % port)
         thread.start()
         self._servers[port] = server
         self._server_threads[port] = thread
+        self._own(port, server.server_address[0])
         log.info("listening on %s for %s", _format_hostport(self.listen_host, port), mapping)
         return server
 
     def _stop_server(self, port, deadline, reason):
         server = self._servers.pop(port)
         thread = self._server_threads.pop(port)
+        self._own(port, server.server_address[0], add=False)
         server.stop_accepting()
         thread.join(max(0.0, deadline - time.monotonic()))
         for session in self.registry.sessions(port):
@@ -3530,17 +3961,20 @@ class Proxy:
         self.registry.forget(port)
         log.info("stopped listening on %d (%s)", port, reason)
 
-    def _stop_accepting_all(self):
-        """stop_accepting() every listener at once: each waits up to one
-        serve_forever() poll interval, so in turn 30 listeners would take
-        seconds."""
-        stoppers = [threading.Thread(target=server.stop_accepting,
-                                     name="tcpproxy-stop-%d" % port)
-                    for port, server in self._servers.items()]
-        for thread in stoppers:
-            thread.start()
-        for thread in stoppers:
-            thread.join()
+    def _stop_accepting_all(self, timeout=5.0):
+        """Close every listener: wake them all (stop_accepting() does not
+        wait), then join their threads and close their sockets."""
+        deadline = time.monotonic() + timeout
+        for server in self._servers.values():
+            server.stop_accepting()
+        for port, server in self._servers.items():
+            self._server_threads[port].join(max(0.0, deadline - time.monotonic()))
+            server.socket.close()
+
+    def _housekeep(self):
+        # One thread for the whole proxy, not a wake-up per listener.
+        while not self._housekeeping_stop.wait(REAP_INTERVAL):
+            self.workers.reap()
 
 
 # Backends ####################################################################
@@ -3694,12 +4128,12 @@ class BackendPoller:
     def _record(self, ok, error, partial=None, rejected=None):
         key = ("backend", self.backend.name)
         if ok:
-            self.rejected = truncate(rejected) if rejected else None
+            self.rejected = _clip(rejected) if rejected else None
             if _once.clear(key):
                 log.info("backend %s: poll OK again", self.backend.name)
         else:
             self.errors += 1
-            self.last_error = error = truncate(error)
+            self.last_error = error = _clip(error)
             if rejected:
                 self.rejected = error
             _once.log(logging.ERROR, key, "backend %s: %s; keeping the configuration in "
@@ -3788,6 +4222,13 @@ def _seconds(text, zero=False):
 
 def _seconds_or_zero(text):
     return _seconds(text, zero=True)
+
+
+def _attempts(text):
+    value = check_limit(text.strip(), "value")
+    if not value:
+        raise ValueError("%r is not a whole number of 1 or more" % text)
+    return value
 
 
 def _non_negative_int(text):
@@ -3882,6 +4323,21 @@ def build_parser(environ=None):
     add("--tls-key", metavar="FILE", help="its key (default: in --tls-cert)")
     add("--close-on-dns-change", action="store_true",
         help="close connections whose upstream address left the DNS answer")
+    add("--connect-deadline", type=_arg_type(_seconds), default=None,
+        metavar="SECONDS", help="for all attempts to connect one client together "
+        "(default twice --connect-timeout)")
+    add("--connect-attempts", type=_arg_type(_attempts), default=DEFAULT_CONNECT_ATTEMPTS,
+        metavar="N", help="upstream addresses tried per client at most (default %d)"
+        % DEFAULT_CONNECT_ATTEMPTS)
+    add("--dns-min-ttl", type=_arg_type(_seconds_or_zero), default=0, metavar="SECONDS",
+        help="keep a DNS answer at least this long (default 0: its TTL)")
+    add("--dns-max-ttl", type=_arg_type(_seconds_or_zero), default=DEFAULT_DNS_MAX_TTL,
+        metavar="SECONDS", help="keep a DNS answer at most this long (default %d)"
+        % DEFAULT_DNS_MAX_TTL)
+    add("--dns-change-hold", type=_arg_type(_seconds_or_zero), default=None,
+        metavar="SECONDS", help="--close-on-dns-change closes a connection once its "
+        "address has been out of the answer this long (default: the TTL, at least %g)"
+        % DNS_CHANGE_HOLD_MIN)
     add("--allow", action="append", default=[], metavar="CIDR",
         help="only these clients may connect (repeatable; default: anyone)")
     add("--max-connections", type=_arg_type(_non_negative_int), default=0, metavar="N",
@@ -4177,7 +4633,8 @@ def _serve(args, signals):
     notifier = _SystemdNotifier()
     proxy = poller = None
     try:
-        resolver = Resolver(args.resolver or None, timeout=args.dns_timeout)
+        resolver = Resolver(args.resolver or None, timeout=args.dns_timeout,
+                            min_ttl=args.dns_min_ttl, max_ttl=args.dns_max_ttl)
         backend = load_backend(args.backend, args)
         proxy = Proxy(backend.fetch() if args.backend == "static" else (),
                       listen_host=args.listen_address, resolver=resolver,
@@ -4190,7 +4647,10 @@ def _serve(args, signals):
                           "error": "no successful poll yet"},
                       idle_timeout=args.idle_timeout, allow=args.allow_networks,
                       max_connections=args.max_connections, tls=args.tls,
-                      accept_proxy_from=args.accept_proxy_from_networks)
+                      accept_proxy_from=args.accept_proxy_from_networks,
+                      connect_deadline=args.connect_deadline,
+                      connect_attempts=args.connect_attempts,
+                      dns_change_hold=args.dns_change_hold)
         signals.proxy = proxy
         if not signals.stop.is_set():
             proxy.start()

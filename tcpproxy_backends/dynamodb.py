@@ -66,9 +66,8 @@ def _item_mapping(item):
         kind = next(iter(allow)) if isinstance(allow, dict) and len(allow) == 1 else None
         if kind not in ("S", "SS", "L", "NULL"):
             raise ValueError("allow must be a list or a comma separated string of CIDRs")
-        allow = parse_allow(_plain(allow))
-        if allow:
-            options["allow"] = allow
+        allow = _plain(allow)            # given: NULL or empty is an error, not "anyone"
+        options["allow"] = parse_allow("" if allow is None else allow, "allow")
     if "max_connections" in item:
         maximum = item["max_connections"]
         kind = next(iter(maximum)) if isinstance(maximum, dict) and len(maximum) == 1 else None

@@ -165,8 +165,8 @@ def _item_mapping(item):
     else:
         raise ValueError("no target (target: HOST:PORT, or host: and port:)")
     options = {"max_connections": check_limit(item.get("max_connections"))}
-    if "allow" in item:
-        options["allow"] = parse_allow(item["allow"], "allow")
+    if "allow" in item:              # given: empty (even "allow:" alone) is an error
+        options["allow"] = parse_allow("" if item["allow"] is None else item["allow"], "allow")
     options.update((name, item[name]) for name in TLS_FIELDS if name in item)
     if "send_proxy" in item:
         options["send_proxy"] = check_proxy_version(item["send_proxy"])

@@ -315,7 +315,8 @@ def test_failover_to_next_address_on_timeout(start_proxy, dns_server, make_echo)
 def test_close_on_dns_change(start_proxy, dns_server, upstream_pair):
     a, b = upstream_pair
     dns_server.set(NAME, ["127.0.0.2"], ttl=1)
-    p = dns_proxy(start_proxy, dns_server, a.port, "--close-on-dns-change")
+    p = dns_proxy(start_proxy, dns_server, a.port, "--close-on-dns-change",
+                  "--dns-change-hold", "0")     # the hold: tests/test_hostile.py
     old = connect(p.addr)
     kept = None
     try:
