@@ -43,11 +43,11 @@ Map of this file, in the order a connection's data flows through it:
                            it sleeps until a client or stop), serve_client()
                            (connect_upstream: the address fail-over loop in
                            health order, attempt cap, deadline, no loops;
-                           start the pumps; close), pump();
-                           TLS: tls_accept() (termination), tls_connect()
+                           start the pumps; close), pump()
+    PROXY protocol         read_proxy_header() (--accept-proxy) before the
+                           upstream connect, send_proxy_header() after it
+    TLS                    tls_accept() (termination), tls_connect()
                            (origination), tls_pump(), TlsContexts
-                           PROXY protocol: read_proxy_header(),
-                           proxy_header() (--accept-proxy, --send-proxy)
     Linux fast paths       copy buffers, libc recv/send, splice pipes, CPU
                            pinning
     Status server          StatusServer: /status, /connections, /metrics and
@@ -921,8 +921,7 @@ class Resolver:
                     log.debug("DNS lookup of %s failed again (%s); retry in %.1fs",
                               host, reason, entry.backoff)
                 return addresses
-            _ratelimited.log(logging.WARNING, ("dns", host), "cannot resolve %s: %s",
-                             host, reason)
+            _once.log(logging.WARNING, ("dns", host), "cannot resolve %s: %s", host, reason)
             raise ResolveError("cannot resolve %s: %s" % (host, reason)) from None
         ttl = min(max(ttl, self.min_ttl), self.max_ttl)
         with entry.cond:
@@ -942,7 +941,7 @@ class Resolver:
             entry.updated = time.time()
             entry.source = source
             entry.cond.notify_all()
-        if recovered:
+        if _once.clear(("dns", host)) or recovered:
             log.warning("DNS lookup of %s works again: %s", host, ", ".join(addresses))
         if set(old) != set(addresses):
             fields = {"event": "dns_change", "host": host, "old": list(old),
@@ -2066,7 +2065,7 @@ _FAILURE_KINDS = {errno.ECONNREFUSED: "refused", errno.ETIMEDOUT: "timeout",
                   errno.EHOSTUNREACH: "unreachable", errno.ENETUNREACH: "unreachable"}
 
 
-# PROXY protocol ----------------------------------------------------------------
+# PROXY protocol ##############################################################
 #
 # --accept-proxy: a load balancer (HAProxy, AWS NLB) starts every connection
 # with a header naming the real client.  serve_client() reads it before it
@@ -2399,7 +2398,7 @@ def pump(session, src, dst, up, proxy):
             session.last_down = monotonic()
 
 
-# TLS -------------------------------------------------------------------------
+# TLS #########################################################################
 #
 # Standard library ssl only.  Origination (upstream_tls): once
 # connect_upstream() has a socket, tls_connect() does the handshake (TLS
@@ -3532,6 +3531,14 @@ def metrics_text(proxy):
                 for side, on in (("client", server.tls.tls_cert),
                                  ("upstream", server.tls.upstream_tls)) if on
                 for reason in TLS_FAILURE_REASONS])
+    out.family("tcpproxy_upstream_address_up", "gauge",
+               "1 while an upstream address takes connections, 0 while it is held down "
+               "after failures (passive health).",
+               [((("mapping", port), ("address", entry["address"])), int(entry["up"]))
+                for port, server in sorted(servers.items())
+                for entry in proxy.health.snapshot(
+                    proxy.resolver.info(server.mapping.host)["addresses"],
+                    server.mapping.port)])
     out.family("tcpproxy_mapping_failing", "gauge",
                "Connection attempts failed since the last success.",
                [((("mapping", port),), server.failing) for port, server in sorted(servers.items())])
@@ -4099,7 +4106,11 @@ class BackendPoller:
         except ConfigError as exc:
             partial = str(exc)
         self.last_ok = now
-        rejected = "; ".join("%s: %s" % item for item in sorted(problems.items())) or None
+        listed = ["%s: %s" % (label, _clip(reason, 200))
+                  for label, reason in sorted(problems.items())[:5]]
+        if len(problems) > 5:
+            listed.append("and %d more" % (len(problems) - 5))
+        rejected = "; ".join(listed) or None
         return self._record(True, None, partial=partial, rejected=rejected)
 
     def _hold(self, mappings, held):
@@ -4128,7 +4139,7 @@ class BackendPoller:
     def _record(self, ok, error, partial=None, rejected=None):
         key = ("backend", self.backend.name)
         if ok:
-            self.rejected = _clip(rejected) if rejected else None
+            self.rejected = rejected
             if _once.clear(key):
                 log.info("backend %s: poll OK again", self.backend.name)
         else:

@@ -38,6 +38,8 @@ __all__ = ["Backend", "cli", "DEFAULT_TABLE", "make_client", "CONNECT_TIMEOUT", 
 log = logging.getLogger(__name__)
 
 DEFAULT_TABLE = "classic-proxy"
+MAX_ITEMS = 10000           # a proxy's items in one poll at most
+MAX_BYTES = 16 * 1024 * 1024   # the Query answers' bytes in one poll at most
 HASH_KEY = "proxy_name"
 RANGE_KEY = "proxy_configuration"
 
@@ -191,7 +193,7 @@ class Backend:
     def fetch(self):
         """Query every page for --proxy; return the mappings of the good items."""
         items = []
-        pages = 0
+        pages = size = 0
         try:
             for response in self._query_pages():
                 pages += 1
@@ -200,6 +202,13 @@ class Backend:
                     raise BackendError("DynamoDB query of table %s: malformed answer "
                                        "(no Items list)" % self.table)
                 items.extend(page)
+                headers = response.get("ResponseMetadata", {}).get("HTTPHeaders", {})
+                size += int(headers.get("content-length") or 0)
+                if len(items) > MAX_ITEMS or size > MAX_BYTES:
+                    raise tcpproxy.ConfigRejected(
+                        "DynamoDB table %s has more than %d items or %d bytes for proxy %r "
+                        "(%d items, %d bytes so far): keeping the configuration in force"
+                        % (self.table, MAX_ITEMS, MAX_BYTES, self.proxy, len(items), size))
         except BackendError:
             raise
         except (self._botocore.exceptions.BotoCoreError,

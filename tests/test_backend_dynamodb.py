@@ -190,6 +190,20 @@ def test_bad_or_conflicting_items_hold_their_port_and_are_named(table, proxy_nam
     assert len(backend.problems) == 7
 
 
+def test_results_are_capped_with_a_clear_error(table, proxy_name, monkeypatch):
+    for i in range(5):
+        put(table, proxy_name, "%d:host%02d.example.com:1" % (9100 + i, i))
+    monkeypatch.setattr(dynamodb, "MAX_ITEMS", 3)
+    backend = dynamodb.Backend(options(proxy_name, table))
+    backend.page_limit = 2
+    with pytest.raises(tcpproxy.ConfigRejected, match="more than 3 items"):
+        backend.fetch()
+    monkeypatch.setattr(dynamodb, "MAX_ITEMS", 100)
+    monkeypatch.setattr(dynamodb, "MAX_BYTES", 100)
+    with pytest.raises(tcpproxy.ConfigRejected, match="or 100 bytes"):
+        backend.fetch()
+
+
 def test_query_follows_every_page(table, proxy_name):
     for i in range(23):
         put(table, proxy_name, "%d:host%02d.example.com:%d" % (9000 + i, i, 1000 + i))

@@ -33,8 +33,8 @@ def sample(text, name, **labels):
 
 
 def test_metrics_pass_promtool_and_count_what_happened(start_proxy, echo):
-    lport, dead = free_port(), free_port()
-    proxy = start_proxy(spec(lport, LOOP4, echo.port), spec(dead, LOOP4, free_port()),
+    lport, dead, nobody = free_port(), free_port(), free_port()
+    proxy = start_proxy(spec(lport, LOOP4, echo.port), spec(dead, LOOP4, nobody),
                         extra=["--allow", "127.0.0.1/32"])
     traffic(lport, b"x" * 1000, times=3)
     with socket.create_connection((LOOP4, dead), timeout=5) as sock:   # refused upstream
@@ -59,6 +59,11 @@ def test_metrics_pass_promtool_and_count_what_happened(start_proxy, echo):
     assert sample(text, "tcpproxy_upstream_connect_failures_total", mapping=dead,
                   reason="refused") == 1
     assert sample(text, "tcpproxy_mapping_failing", mapping=dead) == 1
+    # passive health holds the refusing address down
+    assert sample(text, "tcpproxy_upstream_address_up", mapping=dead,
+                  address="127.0.0.1:%d" % nobody) == 0
+    assert sample(text, "tcpproxy_upstream_address_up", mapping=lport,
+                  address="127.0.0.1:%d" % echo.port) == 1
     assert sample(text, "tcpproxy_connect_seconds_count", mapping=lport) == 3
     assert sample(text, "tcpproxy_connect_seconds_bucket", mapping=lport, le="+Inf") == 3
     assert sample(text, "tcpproxy_build_info", version=__import__("tcpproxy").__version__) == 1

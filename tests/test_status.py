@@ -37,6 +37,7 @@ MAPPING = {                                # Proxy.status()["mappings"][i]
     "allow": [str], "max_connections": int, "tls": TLS_SETTINGS,
     "active": int, "total": int, "bytes_up": int, "bytes_down": int, "refused": int,
     "failed": int, "failing": int,
+    "upstreams": [{"address": str, "up": bool, "down_until": (str, NONE), "failures": int}],
 }
 STATIC_BACKEND = {"name": str, "ok": bool}  # --connections: nothing is polled
 POLLED_BACKEND = {                         # BackendPoller's state
