@@ -1102,3 +1102,25 @@ def accept(listener, timeout=5.0):
     conn, _ = listener.accept()
     conn.settimeout(timeout)
     return conn
+
+
+def lookups_at_once(r, name, n):
+    """*n* threads call r.lookup(name) at the same moment: ([answers],
+    [ResolveErrors])."""
+    results, errors, go = [], [], threading.Event()
+
+    def look():
+        go.wait(5)
+        try:
+            results.append(r.lookup(name))
+        except Exception as exc:  # noqa: BLE001 - ResolveError, for the caller
+            errors.append(exc)
+
+    threads = [threading.Thread(target=look, name="lookup-%d" % i) for i in range(n)]
+    for t in threads:
+        t.start()
+    go.set()
+    for t in threads:
+        t.join(10)
+        assert not t.is_alive()
+    return results, errors

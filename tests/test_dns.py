@@ -7,7 +7,6 @@ server's query counter (``wait_queries``) with a timeout, between
 connection attempts; no sleeps.
 """
 
-import threading
 import time
 
 import dns.rdatatype as dns_rdatatype
@@ -17,7 +16,7 @@ import tcpproxy
 from dnsserver import DNSServer
 from helpers import (
     LOOP4, Blackhole, banner_via, closed_by_peer, closed_promptly, connect, echo_once, free_port,
-    http_json, recv_exact, roundtrip, spec, walk, wait_until,
+    http_json, lookups_at_once, recv_exact, roundtrip, spec, walk, wait_until,
 )
 
 NAME = "db.example.test"
@@ -169,21 +168,7 @@ def test_concurrent_lookups_share_one_query(dns_server):
     dns_server.set(NAME, ["127.0.0.2"], ttl=30)
     dns_server.delay = 0.3
     r = resolver(dns_server, timeout=2.0)
-    results = []
-    go = threading.Event()
-
-    def look():
-        go.wait(5)
-        results.append(r.lookup(NAME))
-
-    threads = [threading.Thread(target=look, name="lookup-%d" % i) for i in range(16)]
-    for t in threads:
-        t.start()
-    go.set()
-    for t in threads:
-        t.join(10)
-        assert not t.is_alive()
-    assert results == [["127.0.0.2"]] * 16
+    assert lookups_at_once(r, NAME, 16) == ([["127.0.0.2"]] * 16, [])
     assert dns_server.queries(NAME, "A") == 1
 
 

@@ -9,13 +9,13 @@ backlog: SYNs are dropped), the loopback DNS server.  Waits are on
 sockets, the DNS server's query counter or ``wait_until``.
 """
 
-import threading
 import time
 
 import pytest
 
 import tcpproxy
 from helpers import (
+    lookups_at_once,
     LOOP4, Blackhole, EchoServer, banner_via, closed_by_peer, connect, echo_once, free_port,
     http_json, recv_exact, roundtrip, run_cli, spec, wait_until,
 )
@@ -320,33 +320,11 @@ def test_min_ttl_keeps_a_ttl_zero_answer(dns_server):
     assert r.info(NAME)["ttl"] == 30
 
 
-def lookups_at_once(r, n):
-    """*n* threads call r.lookup(NAME) at the same moment: ([answers],
-    [ResolveErrors])."""
-    results, errors, go = [], [], threading.Event()
-
-    def look():
-        go.wait(5)
-        try:
-            results.append(r.lookup(NAME))
-        except tcpproxy.ResolveError as exc:
-            errors.append(exc)
-
-    threads = [threading.Thread(target=look, name="lookup-%d" % i) for i in range(n)]
-    for t in threads:
-        t.start()
-    go.set()
-    for t in threads:
-        t.join(10)
-        assert not t.is_alive()
-    return results, errors
-
-
 def test_ttl_zero_concurrent_lookups_share_one_query(dns_server):
     dns_server.set(NAME, ["127.0.0.2"], ttl=0)
     dns_server.delay = 0.3
     r = resolver(dns_server)
-    assert lookups_at_once(r, 16) == ([["127.0.0.2"]] * 16, [])
+    assert lookups_at_once(r, NAME, 16) == ([["127.0.0.2"]] * 16, [])
     assert dns_server.queries(NAME, "A") == 1
     # TTL 0 still means a fresh lookup for a call that comes afterwards
     dns_server.delay = 0
@@ -357,7 +335,7 @@ def test_ttl_zero_concurrent_lookups_share_one_query(dns_server):
 def test_shared_lookup_failure_reaches_every_waiter(dns_server):
     dns_server.delay = 0.3
     r = resolver(dns_server)       # NAME is not set: NXDOMAIN
-    results, errors = lookups_at_once(r, 8)
+    results, errors = lookups_at_once(r, NAME, 8)
     assert not results and len(errors) == 8
     assert dns_server.queries(NAME, "A") == 1
 
