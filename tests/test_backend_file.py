@@ -317,8 +317,8 @@ def test_invalid_edit_keeps_the_mappings(running):
         conn, _ = talk(port)
         try:
             write(running.path, "mappings:\n  - '%d:%s'\n  - listen: [\n" % (other, a.hostport))
-            wait_until(lambda: running.poller.last_error
-                       and "mappings.yaml line 4" in running.poller.last_error, timeout=10)
+            wait_until(lambda: "mappings.yaml line 4" in (
+                running.proxy.status()["backend"].get("error") or ""), timeout=10)
             status = running.proxy.status()
             assert "mappings.yaml line 4" in status["backend"]["error"]
             assert greeting(port) == "A" and echoes(conn)
