@@ -44,12 +44,12 @@ Map of this file, in the order a connection's data flows through it:
                            (connect_upstream: the address fail-over loop in
                            health order, attempt cap, deadline, no loops;
                            start the pumps; close), pump()
+    Linux fast paths       copy buffers, libc recv/send, splice pipes, CPU
+                           pinning
     PROXY protocol         read_proxy_header() (--accept-proxy) before the
                            upstream connect, send_proxy_header() after it
     TLS                    tls_accept() (termination), tls_connect()
                            (origination), tls_pump(), TlsContexts
-    Linux fast paths       copy buffers, libc recv/send, splice pipes, CPU
-                           pinning
     Status server          StatusServer: /status, /connections, /metrics and
                            what they report
     Proxy                  lifecycle (start, stop, drain) and apply(); owns
@@ -1885,11 +1885,12 @@ def serve_client(proxy, listener, session, partner):
             session.abort("proxy is stopping")
         elif session.proxy_protocol is not None and not read_proxy_header(proxy, session):
             pass                          # PROXY protocol: refused (logged, counted)
-        elif tls_accept(proxy, listener, session):         # TLS: the client's handshake
+        elif listener.tls is None or tls_accept(proxy, listener, session):   # TLS: client
             upstream = connect_upstream(proxy, listener, session)
             if upstream is not None and session.proxy_protocol is not None:  # PROXY protocol
                 upstream = send_proxy_header(proxy, session, upstream)
-            upstream = tls_connect(proxy, listener, session, upstream)     # TLS
+            if listener.tls is not None:                                      # TLS: upstream
+                upstream = tls_connect(proxy, listener, session, upstream)
             if upstream is None:
                 listener.failing += 1
             else:
@@ -2063,6 +2064,401 @@ def _send_timeout(libc, sock, timeval):
 # Why the last connect attempt failed, for /metrics.
 _FAILURE_KINDS = {errno.ECONNREFUSED: "refused", errno.ETIMEDOUT: "timeout",
                   errno.EHOSTUNREACH: "unreachable", errno.ENETUNREACH: "unreachable"}
+
+
+def finish_session(proxy, session):
+    """Close *session* for good: log, unregister, close both sockets."""
+    if log.isEnabledFor(logging.INFO) and session.state == "open":
+        peer, reason = _format_hostport(*session.client[:2]), session.closed_reason or "done"
+        log.info("%d: %s closed (%s), %d bytes up, %d bytes down", session.listen_port,
+                 peer, reason, session.bytes_up, session.bytes_down, extra={
+                     "event": "session_close", "session": session.id,
+                     "mapping": session.listen_port, "client": peer,
+                     "upstream": _format_hostport(*session.upstream_address[:2]),
+                     "bytes_up": session.bytes_up, "bytes_down": session.bytes_down,
+                     "duration_s": round(time.time() - session.started, 3),
+                     "reason": reason})
+    proxy.registry.close(session)
+    session.close(proxy.libc)
+
+
+def pump(session, src, dst, up, proxy):
+    """Move bytes from *src* to *dst* until EOF or error.
+
+    The pump waits with poll(), then moves what is there.  Small reads
+    (requests, replies) are copied through a pooled buffer: recv + send,
+    through libc with the GIL held (see _LibcIO) or with
+    socket.recv_into() and sendall().  A read of BULK_READ bytes or more
+    switches to os.splice() through a pooled pipe, so that bulk transfers
+    never enter Python; the pump goes back to copying when a splice returns
+    less.  Without splice (Python 3.9, not Linux, TCPPROXY_SPLICE=0) it
+    always copies.
+    """
+    idle_timeout = proxy.idle_timeout
+    wait_ms = int(min(idle_timeout, 5.0) * 1000) if idle_timeout else None
+    poller = select.poll()
+    poller.register(src, select.POLLIN | select.POLLPRI)
+    poll = poller.poll
+    buffers, pipes, libc = proxy.buffers, proxy.pipes, proxy.libc
+    get_buffer, put_buffer, size = buffers.get, buffers.put, buffers.size
+    recv_into, sendall = src.recv_into, dst.sendall
+    sfd, dfd = src.fileno(), dst.fileno()
+    if libc is not None:
+        crecv, csend, get_errno = libc.recv, libc.send, libc.get_errno
+        recv_flags, send_flags = libc.FLAGS_RECV, libc.FLAGS_SEND
+    splice = getattr(os, "splice", None)
+    from_side, to_side = ("client", "upstream") if up else ("upstream", "client")
+    monotonic = time.monotonic
+    bulk = False
+    while True:
+        if not poll(wait_ms):
+            if monotonic() - session.last_active >= idle_timeout:
+                session.abort("idle timeout")
+                return
+            continue
+        if bulk:
+            try:
+                pipe = pipes.get()
+            except OSError as exc:           # out of descriptors: copy instead
+                _ratelimited.log(logging.WARNING, "pipe", "cannot create a pipe (%s); "
+                                 "copying through memory", exc.strerror)
+                bulk = False
+                continue
+            try:
+                n = splice(sfd, pipe[1], pipes.size, flags=SPLICE_F_MOVE | SPLICE_F_NONBLOCK)
+            except (BlockingIOError, InterruptedError):
+                pipes.put(pipe)
+                continue
+            except OSError as exc:
+                pipes.put(pipe)
+                _failed(session, exc, from_side)
+                return
+            left = n
+            try:
+                while left:
+                    left -= splice(pipe[0], dfd, left, flags=SPLICE_F_MOVE)
+            except OSError as exc:
+                pipes.discard(pipe)           # bytes may be left in it
+                _failed(session, exc, to_side)
+                return
+            pipes.put(pipe)
+            bulk = n >= BULK_READ
+        else:
+            entry = get_buffer()
+            buf = entry[0]
+            try:
+                if libc is None:
+                    n = recv_into(buf)
+                else:
+                    n = crecv(sfd, entry[1], size, recv_flags)
+                    if n < 0:                # EAGAIN, EINTR: see the excepts
+                        raise _errno_error(get_errno())
+            except (BlockingIOError, InterruptedError):
+                put_buffer(entry)
+                continue
+            except OSError as exc:
+                put_buffer(entry)
+                _failed(session, exc, from_side)
+                return
+            if n:
+                try:
+                    sent = 0
+                    if libc is not None:
+                        sent = csend(dfd, entry[1], n, send_flags)
+                        if sent < 0:
+                            err = get_errno()
+                            if err not in (errno.EAGAIN, errno.EINTR):
+                                raise _errno_error(err)
+                            sent = 0
+                    if sent < n:             # the rest waits for the reader
+                        sendall(memoryview(buf)[sent:n])
+                except OSError as exc:
+                    put_buffer(entry)
+                    _failed(session, exc, to_side)
+                    return
+            put_buffer(entry)
+            bulk = pipes is not None and n >= BULK_READ
+        if not n:
+            _end_of_stream(session, dst, libc)
+            return
+        if up:
+            session.bytes_up += n
+            session.last_up = monotonic()
+        else:
+            session.bytes_down += n
+            session.last_down = monotonic()
+
+
+def _end_of_stream(session, dst, libc):
+    # Half-close: pass EOF on.  When the other pump has ended already, the
+    # close() that follows sends the FIN by itself.
+    if session.closed_reason is None and session.pumps > 1:
+        if libc is not None:
+            libc.shutdown(dst, socket.SHUT_WR)
+            return
+        try:
+            dst.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+
+
+def _errno_error(err):
+    return OSError(err, os.strerror(err))
+
+
+def _failed(session, exc, side):
+    """A pump's socket call failed: reset the session (quietly when the
+    peer went away, as an error naming the session otherwise)."""
+    if session.closed_reason is not None:       # we are already closing it
+        return
+    if exc.errno in NET_ERRS:
+        log.debug("session %d: %s: %s", session.id, side, exc)
+    else:
+        log.error("session %d: unexpected error from %s: %s", session.id, side, exc)
+    session.abort("%s reset (%s)" % (side, os.strerror(exc.errno) if exc.errno else exc),
+                  reset=True)
+
+
+def _tune(sock):
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    except OSError:
+        pass
+
+
+def _reset_close(sock):
+    """Close *sock* with a reset (a refused client)."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+    except OSError:
+        pass
+    sock.close()
+
+
+# Linux fast paths ############################################################
+#
+# Optional speed-ups that the connection path uses when present: the C
+# library's recv/send with the GIL held, splice() through pooled pipes,
+# pooled copy buffers, and binding the process to one CPU (main() only).
+
+class _BufferPool:
+    """Reusable copy buffers for the pumps (list append/pop are atomic).
+    Only *keep* are kept between bursts: they count in every idle
+    connection's share of memory.  An entry is ``(bytearray, address)``;
+    the address (for libc I/O) is None when *libc* is None."""
+
+    def __init__(self, size=LARGE_BUFFER, keep=16, libc=None):
+        self.size = size
+        self.keep = keep
+        self.libc = libc
+        self._free = []
+
+    def get(self):
+        try:
+            return self._free.pop()
+        except IndexError:
+            buf = bytearray(self.size)
+            return buf, (self.libc.address(buf) if self.libc is not None else None)
+
+    def put(self, entry):
+        if len(self._free) < self.keep:
+            self._free.append(entry)
+
+
+class _LibcIO:
+    """recv() and send() called straight from the C library, with the GIL held.
+
+    Python's socket methods release the GIL around every system call.
+    With many busy connections each release hands the GIL to another
+    thread and costs a context switch, which makes a 64-byte request
+    cost several of them.  A pump calls recv() only after poll() said
+    the socket is readable, and both calls use MSG_DONTWAIT, so they
+    never block: holding the GIL through them is safe and halves the
+    CPU per request.  A send() that would block (the reader is slow)
+    falls back to socket.sendall(), which waits with the GIL released.
+
+    Used only on Linux, through ctypes.PyDLL (the library already
+    loaded; nothing is compiled).  TCPPROXY_LIBC_IO=0 or
+    Proxy(libc_io=False) turns it off.
+    """
+
+    FLAGS_RECV = int(getattr(socket, "MSG_DONTWAIT", 0x40))
+    FLAGS_SEND = FLAGS_RECV | int(getattr(socket, "MSG_NOSIGNAL", 0x4000))
+
+    def __init__(self):
+        import ctypes                        # only when used: it costs 3 ms to import
+        libc = ctypes.PyDLL(None)
+        self._ctypes = ctypes
+        # No argtypes: converting each argument through them costs more
+        # than the call.  Buffers are passed as c_void_p objects, all the
+        # rest as Python ints (C ints, widened by libffi; sizes are far
+        # below 2**31).
+        self.recv, self.send = libc.recv, libc.send
+        self.recv.restype = self.send.restype = ctypes.c_ssize_t
+        self._shutdown, self._close = libc.shutdown, libc.close
+        self._setsockopt = libc.setsockopt
+        self._shutdown.restype = self._close.restype = self._setsockopt.restype = ctypes.c_int
+        # errno is read from the C library's own per-thread variable: ctypes'
+        # use_errno copy would cost every pump thread a dictionary (0.4 KiB
+        # per idle connection).  Only integers are made between the failed
+        # call and the read, so nothing else can change errno meanwhile.
+        errno_location = getattr(libc, "__errno_location")   # no name mangling
+        errno_location.restype = ctypes.POINTER(ctypes.c_int)
+        self.get_errno = lambda: errno_location()[0]
+
+    def address(self, buf):
+        """A pointer to a bytearray's storage (it is never resized)."""
+        ctypes = self._ctypes
+        return ctypes.c_void_p(ctypes.addressof((ctypes.c_char * len(buf)).from_buffer(buf)))
+
+    def setsockopt(self, sock, level, name, value):
+        """sock.setsockopt(level, name, value) for a bytes *value*.  Python's
+        own tries to parse an int first and fails, which takes a page more
+        of the thread's stack, for good (4 KiB per connection)."""
+        if self._setsockopt(sock.fileno(), level, name, value, len(value)) != 0:
+            err = self.get_errno()
+            raise OSError(err, os.strerror(err))
+
+    def shutdown(self, sock, how):
+        """sock.shutdown(how), errors ignored: it never blocks."""
+        self._shutdown(sock.fileno(), how)
+
+    def close(self, sock):
+        """sock.close(): it does not block, as the proxy never sets a
+        SO_LINGER timeout (only an immediate reset)."""
+        fd = sock.detach()
+        if fd >= 0:
+            self._close(fd)
+
+    @classmethod
+    @functools.lru_cache(maxsize=None)
+    def load(cls):
+        """The shared instance, or None where it is not available."""
+        if not sys.platform.startswith("linux"):
+            return None
+        try:
+            return cls()
+        except (ImportError, OSError, AttributeError) as exc:
+            log.debug("libc I/O is not available (%s): using socket methods", exc)
+            return None
+
+
+class _PipePool:
+    """Reusable pipes for the splice pump; a pipe goes back only when empty."""
+
+    def __init__(self, size=LARGE_BUFFER, keep=64):
+        self.size = size
+        self.keep = keep
+        self.lock = threading.Lock()
+        self._free = []
+        self._closed = False
+
+    def get(self):
+        try:
+            return self._free.pop()
+        except IndexError:
+            pass
+        r, w = os.pipe2(os.O_CLOEXEC) if hasattr(os, "pipe2") else os.pipe()
+        try:
+            fcntl.fcntl(w, F_SETPIPE_SZ, self.size)
+        except OSError:
+            pass
+        return r, w
+
+    def put(self, pipe):
+        with self.lock:
+            if not self._closed and len(self._free) < self.keep:
+                self._free.append(pipe)
+                return
+        self.discard(pipe)
+
+    @staticmethod
+    def discard(pipe):
+        for fd in pipe:
+            os.close(fd)
+
+    def close(self):
+        with self.lock:
+            self._closed = True
+            free, self._free = self._free, []
+        for pipe in free:
+            self.discard(pipe)
+
+
+def _fast_paths(splice=None, libc_io=None):
+    """(libc, buffers, pipes) for a Proxy.  *splice* None means "where
+    available" (Linux, Python 3.10+, TCPPROXY_SPLICE not 0); *libc_io*
+    None means unless TCPPROXY_LIBC_IO=0.  pipes is None without splice."""
+    if splice is None:
+        splice = HAVE_SPLICE and os.environ.get("TCPPROXY_SPLICE", "1") != "0"
+    if splice and not HAVE_SPLICE:
+        raise ConfigError("splice needs Linux and Python 3.10 or newer")
+    if libc_io is None:
+        libc_io = os.environ.get("TCPPROXY_LIBC_IO", "1") != "0"
+    libc = _LibcIO.load() if libc_io else None
+    # With splice, bulk reads bypass the buffers, so small ones will do.
+    buffers = _BufferPool(BULK_READ if splice else LARGE_BUFFER, libc=libc)
+    return libc, buffers, (_PipePool() if splice else None)
+
+
+def parse_cpus(text):
+    """--cpus: 'auto', 'all' or a list such as '3' or '0,2-3' -> 'auto', None or a set."""
+    text = text.strip().lower()
+    if text in ("auto", "all"):
+        return None if text == "all" else "auto"
+    cpus = set()
+    try:
+        for part in text.split(","):
+            low, dash, high = part.partition("-")
+            low, high = int(low), int(high if dash else low)
+            if low < 0 or high < low:
+                raise ValueError
+            cpus.update(range(low, high + 1))
+    except ValueError:
+        raise ValueError("invalid CPU list %r: use auto, all or numbers such as 1 or 0,2-3"
+                         % text) from None
+    return cpus
+
+
+def pin_cpus(spec):
+    """Bind this process to the CPUs *spec* names (a parse_cpus() result or
+    its text); return them.
+
+    'auto' picks one CPU, the last one the process may use.  Python runs
+    one thread at a time (the GIL), so a proxy cannot use more than about
+    one CPU; spread over several, every hand-over of the GIL between pump
+    threads becomes a cross-CPU wake-up, which costs more than the work
+    itself (2-2.5x the CPU per request and per connection, measured).
+    The process also switches to the SCHED_BATCH policy: a pump thread
+    woken by its socket then waits for the running one to block instead
+    of preempting it only to find the GIL taken.  None ('all') leaves
+    affinity and policy alone.  Call it before starting any thread:
+    threads inherit both from the thread that starts them.
+    """
+    if isinstance(spec, str):
+        spec = parse_cpus(spec)
+    if spec is None or not hasattr(os, "sched_setaffinity"):
+        return None
+    allowed = sorted(os.sched_getaffinity(0))
+    if spec == "auto":
+        cpus = {allowed[-1]}
+    else:
+        cpus = set(spec) & set(allowed)
+        if not cpus:
+            raise ConfigError("--cpus %s: this process may only use CPUs %s" % (
+                ",".join(map(str, sorted(spec))), ",".join(map(str, allowed))))
+    try:
+        os.sched_setaffinity(0, cpus)
+    except OSError as exc:
+        raise ConfigError("cannot bind to CPUs %s: %s" % (
+            ",".join(map(str, sorted(cpus))), exc.strerror)) from None
+    try:
+        os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
+    except (AttributeError, OSError) as exc:
+        log.debug("cannot use SCHED_BATCH: %s", exc)
+    return cpus
+
 
 
 # PROXY protocol ##############################################################
@@ -2273,129 +2669,6 @@ def send_proxy_header(proxy, session, upstream):
             proxy.registry.count_failed(session.listen_port, "other")
             session.abort("upstream reset (PROXY header)", reset=True)
         return None
-
-
-def finish_session(proxy, session):
-    """Close *session* for good: log, unregister, close both sockets."""
-    if log.isEnabledFor(logging.INFO) and session.state == "open":
-        peer, reason = _format_hostport(*session.client[:2]), session.closed_reason or "done"
-        log.info("%d: %s closed (%s), %d bytes up, %d bytes down", session.listen_port,
-                 peer, reason, session.bytes_up, session.bytes_down, extra={
-                     "event": "session_close", "session": session.id,
-                     "mapping": session.listen_port, "client": peer,
-                     "upstream": _format_hostport(*session.upstream_address[:2]),
-                     "bytes_up": session.bytes_up, "bytes_down": session.bytes_down,
-                     "duration_s": round(time.time() - session.started, 3),
-                     "reason": reason})
-    proxy.registry.close(session)
-    session.close(proxy.libc)
-
-
-def pump(session, src, dst, up, proxy):
-    """Move bytes from *src* to *dst* until EOF or error.
-
-    The pump waits with poll(), then moves what is there.  Small reads
-    (requests, replies) are copied through a pooled buffer: recv + send,
-    through libc with the GIL held (see _LibcIO) or with
-    socket.recv_into() and sendall().  A read of BULK_READ bytes or more
-    switches to os.splice() through a pooled pipe, so that bulk transfers
-    never enter Python; the pump goes back to copying when a splice returns
-    less.  Without splice (Python 3.9, not Linux, TCPPROXY_SPLICE=0) it
-    always copies.
-    """
-    idle_timeout = proxy.idle_timeout
-    wait_ms = int(min(idle_timeout, 5.0) * 1000) if idle_timeout else None
-    poller = select.poll()
-    poller.register(src, select.POLLIN | select.POLLPRI)
-    poll = poller.poll
-    buffers, pipes, libc = proxy.buffers, proxy.pipes, proxy.libc
-    get_buffer, put_buffer, size = buffers.get, buffers.put, buffers.size
-    recv_into, sendall = src.recv_into, dst.sendall
-    sfd, dfd = src.fileno(), dst.fileno()
-    if libc is not None:
-        crecv, csend, get_errno = libc.recv, libc.send, libc.get_errno
-        recv_flags, send_flags = libc.FLAGS_RECV, libc.FLAGS_SEND
-    splice = getattr(os, "splice", None)
-    from_side, to_side = ("client", "upstream") if up else ("upstream", "client")
-    monotonic = time.monotonic
-    bulk = False
-    while True:
-        if not poll(wait_ms):
-            if monotonic() - session.last_active >= idle_timeout:
-                session.abort("idle timeout")
-                return
-            continue
-        if bulk:
-            try:
-                pipe = pipes.get()
-            except OSError as exc:           # out of descriptors: copy instead
-                _ratelimited.log(logging.WARNING, "pipe", "cannot create a pipe (%s); "
-                                 "copying through memory", exc.strerror)
-                bulk = False
-                continue
-            try:
-                n = splice(sfd, pipe[1], pipes.size, flags=SPLICE_F_MOVE | SPLICE_F_NONBLOCK)
-            except (BlockingIOError, InterruptedError):
-                pipes.put(pipe)
-                continue
-            except OSError as exc:
-                pipes.put(pipe)
-                _failed(session, exc, from_side)
-                return
-            left = n
-            try:
-                while left:
-                    left -= splice(pipe[0], dfd, left, flags=SPLICE_F_MOVE)
-            except OSError as exc:
-                pipes.discard(pipe)           # bytes may be left in it
-                _failed(session, exc, to_side)
-                return
-            pipes.put(pipe)
-            bulk = n >= BULK_READ
-        else:
-            entry = get_buffer()
-            buf = entry[0]
-            try:
-                if libc is None:
-                    n = recv_into(buf)
-                else:
-                    n = crecv(sfd, entry[1], size, recv_flags)
-                    if n < 0:                # EAGAIN, EINTR: see the excepts
-                        raise _errno_error(get_errno())
-            except (BlockingIOError, InterruptedError):
-                put_buffer(entry)
-                continue
-            except OSError as exc:
-                put_buffer(entry)
-                _failed(session, exc, from_side)
-                return
-            if n:
-                try:
-                    sent = 0
-                    if libc is not None:
-                        sent = csend(dfd, entry[1], n, send_flags)
-                        if sent < 0:
-                            err = get_errno()
-                            if err not in (errno.EAGAIN, errno.EINTR):
-                                raise _errno_error(err)
-                            sent = 0
-                    if sent < n:             # the rest waits for the reader
-                        sendall(memoryview(buf)[sent:n])
-                except OSError as exc:
-                    put_buffer(entry)
-                    _failed(session, exc, to_side)
-                    return
-            put_buffer(entry)
-            bulk = pipes is not None and n >= BULK_READ
-        if not n:
-            _end_of_stream(session, dst, libc)
-            return
-        if up:
-            session.bytes_up += n
-            session.last_up = monotonic()
-        else:
-            session.bytes_down += n
-            session.last_down = monotonic()
 
 
 # TLS #########################################################################
@@ -2842,278 +3115,6 @@ def _tls_failed(session, exc, side):
                      ("tls-error", session.listen_port), "%d: session %d: TLS error from "
                      "the %s: %s; resetting it", session.listen_port, session.id, side, exc)
     session.abort("%s TLS error (%s)" % (side, getattr(exc, "reason", None) or exc), reset=True)
-
-
-def _end_of_stream(session, dst, libc):
-    # Half-close: pass EOF on.  When the other pump has ended already, the
-    # close() that follows sends the FIN by itself.
-    if session.closed_reason is None and session.pumps > 1:
-        if libc is not None:
-            libc.shutdown(dst, socket.SHUT_WR)
-            return
-        try:
-            dst.shutdown(socket.SHUT_WR)
-        except OSError:
-            pass
-
-
-def _errno_error(err):
-    return OSError(err, os.strerror(err))
-
-
-def _failed(session, exc, side):
-    """A pump's socket call failed: reset the session (quietly when the
-    peer went away, as an error naming the session otherwise)."""
-    if session.closed_reason is not None:       # we are already closing it
-        return
-    if exc.errno in NET_ERRS:
-        log.debug("session %d: %s: %s", session.id, side, exc)
-    else:
-        log.error("session %d: unexpected error from %s: %s", session.id, side, exc)
-    session.abort("%s reset (%s)" % (side, os.strerror(exc.errno) if exc.errno else exc),
-                  reset=True)
-
-
-def _tune(sock):
-    try:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-    except OSError:
-        pass
-
-
-def _reset_close(sock):
-    """Close *sock* with a reset (a refused client)."""
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
-    except OSError:
-        pass
-    sock.close()
-
-
-# Linux fast paths ############################################################
-#
-# Optional speed-ups that the connection path uses when present: the C
-# library's recv/send with the GIL held, splice() through pooled pipes,
-# pooled copy buffers, and binding the process to one CPU (main() only).
-
-class _BufferPool:
-    """Reusable copy buffers for the pumps (list append/pop are atomic).
-    Only *keep* are kept between bursts: they count in every idle
-    connection's share of memory.  An entry is ``(bytearray, address)``;
-    the address (for libc I/O) is None when *libc* is None."""
-
-    def __init__(self, size=LARGE_BUFFER, keep=16, libc=None):
-        self.size = size
-        self.keep = keep
-        self.libc = libc
-        self._free = []
-
-    def get(self):
-        try:
-            return self._free.pop()
-        except IndexError:
-            buf = bytearray(self.size)
-            return buf, (self.libc.address(buf) if self.libc is not None else None)
-
-    def put(self, entry):
-        if len(self._free) < self.keep:
-            self._free.append(entry)
-
-
-class _LibcIO:
-    """recv() and send() called straight from the C library, with the GIL held.
-
-    Python's socket methods release the GIL around every system call.
-    With many busy connections each release hands the GIL to another
-    thread and costs a context switch, which makes a 64-byte request
-    cost several of them.  A pump calls recv() only after poll() said
-    the socket is readable, and both calls use MSG_DONTWAIT, so they
-    never block: holding the GIL through them is safe and halves the
-    CPU per request.  A send() that would block (the reader is slow)
-    falls back to socket.sendall(), which waits with the GIL released.
-
-    Used only on Linux, through ctypes.PyDLL (the library already
-    loaded; nothing is compiled).  TCPPROXY_LIBC_IO=0 or
-    Proxy(libc_io=False) turns it off.
-    """
-
-    FLAGS_RECV = int(getattr(socket, "MSG_DONTWAIT", 0x40))
-    FLAGS_SEND = FLAGS_RECV | int(getattr(socket, "MSG_NOSIGNAL", 0x4000))
-
-    def __init__(self):
-        import ctypes                        # only when used: it costs 3 ms to import
-        libc = ctypes.PyDLL(None)
-        self._ctypes = ctypes
-        # No argtypes: converting each argument through them costs more
-        # than the call.  Buffers are passed as c_void_p objects, all the
-        # rest as Python ints (C ints, widened by libffi; sizes are far
-        # below 2**31).
-        self.recv, self.send = libc.recv, libc.send
-        self.recv.restype = self.send.restype = ctypes.c_ssize_t
-        self._shutdown, self._close = libc.shutdown, libc.close
-        self._setsockopt = libc.setsockopt
-        self._shutdown.restype = self._close.restype = self._setsockopt.restype = ctypes.c_int
-        # errno is read from the C library's own per-thread variable: ctypes'
-        # use_errno copy would cost every pump thread a dictionary (0.4 KiB
-        # per idle connection).  Only integers are made between the failed
-        # call and the read, so nothing else can change errno meanwhile.
-        errno_location = getattr(libc, "__errno_location")   # no name mangling
-        errno_location.restype = ctypes.POINTER(ctypes.c_int)
-        self.get_errno = lambda: errno_location()[0]
-
-    def address(self, buf):
-        """A pointer to a bytearray's storage (it is never resized)."""
-        ctypes = self._ctypes
-        return ctypes.c_void_p(ctypes.addressof((ctypes.c_char * len(buf)).from_buffer(buf)))
-
-    def setsockopt(self, sock, level, name, value):
-        """sock.setsockopt(level, name, value) for a bytes *value*.  Python's
-        own tries to parse an int first and fails, which takes a page more
-        of the thread's stack, for good (4 KiB per connection)."""
-        if self._setsockopt(sock.fileno(), level, name, value, len(value)) != 0:
-            err = self.get_errno()
-            raise OSError(err, os.strerror(err))
-
-    def shutdown(self, sock, how):
-        """sock.shutdown(how), errors ignored: it never blocks."""
-        self._shutdown(sock.fileno(), how)
-
-    def close(self, sock):
-        """sock.close(): it does not block, as the proxy never sets a
-        SO_LINGER timeout (only an immediate reset)."""
-        fd = sock.detach()
-        if fd >= 0:
-            self._close(fd)
-
-    @classmethod
-    @functools.lru_cache(maxsize=None)
-    def load(cls):
-        """The shared instance, or None where it is not available."""
-        if not sys.platform.startswith("linux"):
-            return None
-        try:
-            return cls()
-        except (ImportError, OSError, AttributeError) as exc:
-            log.debug("libc I/O is not available (%s): using socket methods", exc)
-            return None
-
-
-class _PipePool:
-    """Reusable pipes for the splice pump; a pipe goes back only when empty."""
-
-    def __init__(self, size=LARGE_BUFFER, keep=64):
-        self.size = size
-        self.keep = keep
-        self.lock = threading.Lock()
-        self._free = []
-        self._closed = False
-
-    def get(self):
-        try:
-            return self._free.pop()
-        except IndexError:
-            pass
-        r, w = os.pipe2(os.O_CLOEXEC) if hasattr(os, "pipe2") else os.pipe()
-        try:
-            fcntl.fcntl(w, F_SETPIPE_SZ, self.size)
-        except OSError:
-            pass
-        return r, w
-
-    def put(self, pipe):
-        with self.lock:
-            if not self._closed and len(self._free) < self.keep:
-                self._free.append(pipe)
-                return
-        self.discard(pipe)
-
-    @staticmethod
-    def discard(pipe):
-        for fd in pipe:
-            os.close(fd)
-
-    def close(self):
-        with self.lock:
-            self._closed = True
-            free, self._free = self._free, []
-        for pipe in free:
-            self.discard(pipe)
-
-
-def _fast_paths(splice=None, libc_io=None):
-    """(libc, buffers, pipes) for a Proxy.  *splice* None means "where
-    available" (Linux, Python 3.10+, TCPPROXY_SPLICE not 0); *libc_io*
-    None means unless TCPPROXY_LIBC_IO=0.  pipes is None without splice."""
-    if splice is None:
-        splice = HAVE_SPLICE and os.environ.get("TCPPROXY_SPLICE", "1") != "0"
-    if splice and not HAVE_SPLICE:
-        raise ConfigError("splice needs Linux and Python 3.10 or newer")
-    if libc_io is None:
-        libc_io = os.environ.get("TCPPROXY_LIBC_IO", "1") != "0"
-    libc = _LibcIO.load() if libc_io else None
-    # With splice, bulk reads bypass the buffers, so small ones will do.
-    buffers = _BufferPool(BULK_READ if splice else LARGE_BUFFER, libc=libc)
-    return libc, buffers, (_PipePool() if splice else None)
-
-
-def parse_cpus(text):
-    """--cpus: 'auto', 'all' or a list such as '3' or '0,2-3' -> 'auto', None or a set."""
-    text = text.strip().lower()
-    if text in ("auto", "all"):
-        return None if text == "all" else "auto"
-    cpus = set()
-    try:
-        for part in text.split(","):
-            low, dash, high = part.partition("-")
-            low, high = int(low), int(high if dash else low)
-            if low < 0 or high < low:
-                raise ValueError
-            cpus.update(range(low, high + 1))
-    except ValueError:
-        raise ValueError("invalid CPU list %r: use auto, all or numbers such as 1 or 0,2-3"
-                         % text) from None
-    return cpus
-
-
-def pin_cpus(spec):
-    """Bind this process to the CPUs *spec* names (a parse_cpus() result or
-    its text); return them.
-
-    'auto' picks one CPU, the last one the process may use.  Python runs
-    one thread at a time (the GIL), so a proxy cannot use more than about
-    one CPU; spread over several, every hand-over of the GIL between pump
-    threads becomes a cross-CPU wake-up, which costs more than the work
-    itself (2-2.5x the CPU per request and per connection, measured).
-    The process also switches to the SCHED_BATCH policy: a pump thread
-    woken by its socket then waits for the running one to block instead
-    of preempting it only to find the GIL taken.  None ('all') leaves
-    affinity and policy alone.  Call it before starting any thread:
-    threads inherit both from the thread that starts them.
-    """
-    if isinstance(spec, str):
-        spec = parse_cpus(spec)
-    if spec is None or not hasattr(os, "sched_setaffinity"):
-        return None
-    allowed = sorted(os.sched_getaffinity(0))
-    if spec == "auto":
-        cpus = {allowed[-1]}
-    else:
-        cpus = set(spec) & set(allowed)
-        if not cpus:
-            raise ConfigError("--cpus %s: this process may only use CPUs %s" % (
-                ",".join(map(str, sorted(spec))), ",".join(map(str, allowed))))
-    try:
-        os.sched_setaffinity(0, cpus)
-    except OSError as exc:
-        raise ConfigError("cannot bind to CPUs %s: %s" % (
-            ",".join(map(str, sorted(cpus))), exc.strerror)) from None
-    try:
-        os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
-    except (AttributeError, OSError) as exc:
-        log.debug("cannot use SCHED_BATCH: %s", exc)
-    return cpus
-
 
 
 # Status server ###############################################################
