@@ -976,6 +976,22 @@ class Hammer:
 
 # -- the proxy as a subprocess ----------------------------------------------
 
+def stop_process(proc, sig, timeout, describe):
+    """Send *sig* to *proc* if it runs and wait *timeout* seconds for it;
+    if it is still running then, kill it and raise AssertionError(describe()).
+    Returns its exit status."""
+    if proc.poll() is None:
+        proc.send_signal(sig)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+            raise AssertionError(describe()) from None
+    return proc.returncode
+
+
+
 class ProxyProcess:
     """``python tcpproxy.py ARGS`` with stdout/stderr in temporary files."""
 
@@ -1052,16 +1068,8 @@ class ProxyProcess:
 
     def stop(self, sig=signal.SIGTERM, timeout=5.0):
         """Signal and wait; returns the exit status (kills after ``timeout``)."""
-        if self.alive():
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-                raise AssertionError("proxy did not exit within %ss of %s:\n%s"
-                                     % (timeout, sig, self.output()))
-        return self.proc.returncode
+        return stop_process(self.proc, sig, timeout, lambda: "proxy did not exit within "
+                            "%ss of %s:\n%s" % (timeout, sig, self.output()))
 
     def close(self):
         if self.alive():

@@ -49,7 +49,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import LOOP4, free_port, listening, wait_until
+from helpers import LOOP4, free_port, listening, stop_process, wait_until
 
 START_TIMEOUT = 30.0
 STOP_TIMEOUT = 15.0
@@ -169,15 +169,8 @@ class Peer:
             return
         family = descendants(self.pid)
         try:
-            if self.proc.poll() is None:
-                self.proc.send_signal(self.stop_signal)
-                try:
-                    self.proc.wait(timeout)
-                except subprocess.TimeoutExpired:
-                    self.proc.kill()
-                    self.proc.wait(5)
-                    raise AssertionError("%s did not stop within %ss:\n%s"
-                                         % (self.name, timeout, self.log()))
+            stop_process(self.proc, self.stop_signal, timeout, lambda: "%s did not stop "
+                         "within %ss:\n%s" % (self.name, timeout, self.log()))
             if not wait_until(lambda: not any(_alive(e) for e in family), 5):
                 left = [entry[0] for entry in family if _alive(entry)]
                 for pid in left:
