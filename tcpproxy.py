@@ -2927,7 +2927,6 @@ def _tls_handshake(proxy, session, side, wrap, timeout, name=None):
         session.abort("%s TLS handshake failed" % side, reset=True)
         return None
     sock.tls_lock = threading.Lock()
-    sock.tls_close_wanted = False          # see _tls_close_notify
     tls = dict(session.tls or {"client": None, "upstream": None})
     tls[side] = _tls_info(sock)
     session.tls = tls
@@ -3023,9 +3022,6 @@ def tls_pump(session, src, dst, up, proxy):
             except (ssl.SSLWantReadError, ssl.SSLWantWriteError, BlockingIOError,
                     InterruptedError):
                 if not n:
-                    if src_tls and src.tls_close_wanted:
-                        with src_lock:
-                            _tls_close_notify(src)
                     continue
             except ssl.SSLZeroReturnError:     # close_notify after ours
                 eof = True
@@ -3041,9 +3037,6 @@ def tls_pump(session, src, dst, up, proxy):
         finally:
             view.release()
             put_buffer(entry)
-        if src_tls and src.tls_close_wanted:
-            with src_lock:
-                _tls_close_notify(src)
         if not n or eof:
             _tls_end_of_stream(session, dst, dst_lock)
             return
@@ -3079,25 +3072,35 @@ def _tls_sender(sock, lock):
     return sendall
 
 
-def _tls_close_notify(sock):
-    """Half-close an SSLSocket (its tls_lock held): send close_notify; the
-    peer may go on sending (TLS 1.3; a TLS 1.2 peer usually closes).
-    unwrap() is Python's only way to send it, and it calls SSL_shutdown()
-    twice: the second call reads, and drops a whole record of the peer's
-    data if one is there.  So it runs only when nothing is readable; else
-    the pump reading *sock* calls this again once it has drained it."""
-    readable = select.poll()
-    readable.register(sock, select.POLLIN)
-    if sock.pending() or readable.poll(0):
-        sock.tls_close_wanted = True
+TLS_QUIET = 0.05                   # close_notify waits for the peer to be this quiet
+
+
+def _tls_close_notify(session, sock, lock):
+    """Half-close an SSLSocket: send close_notify; the peer may go on
+    sending (TLS 1.3; a TLS 1.2 peer usually closes).  unwrap() is
+    Python's only way to send it, and it calls SSL_shutdown() twice: the
+    second call reads, and drops a record of the peer's data if one is
+    there.  So it is sent only once the peer has been quiet for TLS_QUIET
+    seconds (the other pump drains what comes meanwhile) -- a peer that
+    answers after the request's end has sent all it had.  Runs on the pump
+    that reached EOF, which has nothing else to do."""
+    waiter = select.poll()
+    waiter.register(sock, select.POLLIN)
+    pause = threading.Event()
+    while session.closed_reason is None and session.pumps > 1:
+        if waiter.poll(TLS_QUIET * 1000):
+            pause.wait(TLS_QUIET / 10)     # data: the other pump is reading it
+            continue
+        with lock:
+            if sock.pending() or waiter.poll(0):
+                continue
+            try:
+                sock.unwrap()
+            except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+                pass                       # sent; the peer's comes with its EOF
+            except (OSError, ValueError):
+                pass
         return
-    sock.tls_close_wanted = False
-    try:
-        sock.unwrap()
-    except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
-        pass                               # sent; the peer's comes with its EOF
-    except (OSError, ValueError):
-        pass
 
 
 def _tls_end_of_stream(session, dst, lock):
@@ -3113,10 +3116,10 @@ def _tls_end_of_stream(session, dst, lock):
             except OSError:
                 pass
         return
+    if session.pumps > 1:
+        _tls_close_notify(session, dst, lock)
+        return
     with lock:
-        if session.pumps > 1:
-            _tls_close_notify(dst)
-            return
         try:
             dst.unwrap()
         except (OSError, ValueError):
