@@ -483,16 +483,105 @@ def check_flag(value, what="flag"):
     raise ConfigError("%s %s is not true or false" % (what, short_repr(value)))
 
 
-def check_unique_ports(entries):
-    """Raise ConfigError when two of ``[(label, Mapping), ...]`` share a
-    listen port, naming both; return the mappings."""
-    seen = {}
+_WILDCARDS = ("0.0.0.0", "::")
+LISTEN_FORMS = ("LPORT:HOST:RPORT or LISTEN_IP:LPORT:HOST:RPORT, IPv6 addresses in brackets: "
+                "8002:[::1]:5432, [::1]:8002:db:5432")
+
+
+def check_listen_host(value, what="listen address"):
+    """Return a mapping's own listen address (an IP literal, brackets
+    optional, normalised: ``0:0::1`` gives ``::1``) or None for "the
+    proxy's --listen-address".  A name is refused: what it resolves to
+    when the listener binds is no sound key for a mapping."""
+    if value is None:
+        return None
+    text = value.strip() if isinstance(value, str) else None
+    if text and text.startswith("[") and text.endswith("]"):
+        text = text[1:-1].strip()
+    if not text or not _is_ip(text):
+        hint = " (write 127.0.0.1 or [::1])" if text == "localhost" else ""
+        raise ConfigError("%s %s is not an IP address%s" % (what, short_repr(value), hint))
+    if "%" not in text:
+        text = str(ipaddress.ip_address(text))
+    return text
+
+
+def parse_listen(value, what="listen"):
+    """``PORT``, ``IP:PORT`` or ``[IPV6]:PORT`` (a YAML mapping's
+    ``listen:``) as ``(listen host or None, port)``; raises ConfigError."""
+    if isinstance(value, int) or (isinstance(value, str) and _DIGITS.fullmatch(value.strip())):
+        return None, check_port(value, what)
+    text = value.strip() if isinstance(value, str) else ""
+    m = re.fullmatch(r"(\[[^\[\]]*\]|[^:\[\]]*):([^:\[\]]*)", text)
+    if not m:
+        raise ConfigError("%s %s is not PORT, IP:PORT or [IPV6]:PORT%s" % (
+            what, short_repr(value), " (an IPv6 address goes in brackets and, in YAML, "
+            "quotes: \"[::1]:8002\")" if text.count(":") > 1 else ""))
+    return check_listen_host(m.group(1), "%s address" % what), check_port(m.group(2), what)
+
+
+def _mapping_key(listen_host, port):
+    """A mapping's name in the Registry, /status, /connections, /metrics and
+    the logs: its listen port (an int, as before per-mapping addresses) when
+    it listens on the proxy's --listen-address, else "IP:PORT"."""
+    return port if listen_host is None else _format_hostport(listen_host, port)
+
+
+def _key_order(key):
+    """Sort key for mapping keys (ints and "IP:PORT" strings): by port."""
+    if isinstance(key, int):
+        return (key, "")
+    host, _, port = key.rpartition(":")
+    return (int(port), host)
+
+
+def _listen_clash(a, b):
+    """Why listeners on the addresses *a* and *b* (IP strings; None: the
+    proxy's default, not known here) cannot share a port, or None.  On
+    Linux a wildcard and a specific address on one port conflict (the
+    listener on :: is dual-stack: it takes IPv4 too)."""
+    if a == b:
+        return "the same address" if a is not None else None
+    if a is None or b is None:
+        return None
+    for wild, other in ((a, b), (b, a)):
+        if wild == "::" or (wild == "0.0.0.0" and ":" not in other):
+            return "%s takes the port on every %saddress" % (
+                wild, "IPv4 " if wild == "0.0.0.0" else "")
+    return None
+
+
+def listen_conflict(a, b, default_host=None):
+    """Why the Mappings *a* and *b* cannot both listen, or None: the same
+    listen port on the same address, or a wildcard and another address
+    (*default_host*: the proxy's --listen-address, when known)."""
+    if a.listen_port != b.listen_port or a.listen_port == 0:
+        return None
+    host_a, host_b = a.listen_host or default_host, b.listen_host or default_host
+    if host_a is None and host_b is None:
+        return "listen port %d is used twice" % a.listen_port
+    reason = _listen_clash(host_a, host_b)
+    if reason is None:
+        return None
+    if host_a == host_b:
+        return "listen address %s is used twice" % _format_hostport(host_a, a.listen_port)
+    return "listen addresses %s and %s conflict (%s)" % (
+        _format_hostport(host_a, a.listen_port), _format_hostport(host_b, b.listen_port), reason)
+
+
+def check_unique_ports(entries, default_host=None):
+    """Raise ConfigError when two of ``[(label, Mapping), ...]`` cannot both
+    listen (see listen_conflict), naming both; return the mappings.
+    *default_host* is the proxy's --listen-address when known: without it,
+    a mapping on the default address and one with its own address on the
+    same port pass here and Proxy.apply() judges them."""
+    seen = {}                            # listen port -> [(label, mapping)]
     for label, mapping in entries:
-        port = mapping.listen_port
-        if port in seen and port != 0:
-            raise ConfigError("listen port %d is used twice: %s and %s"
-                              % (port, seen[port], label))
-        seen[port] = label
+        for other_label, other in seen.get(mapping.listen_port, ()):
+            reason = listen_conflict(other, mapping, default_host)
+            if reason:
+                raise ConfigError("%s: %s and %s" % (reason, other_label, label))
+        seen.setdefault(mapping.listen_port, []).append((label, mapping))
     return [mapping for _, mapping in entries]
 
 
@@ -589,13 +678,16 @@ def _is_local(address, v4_only=False):
 class Mapping:
     """One port mapping: listen on *listen_port*, forward to (*host*, *port*).
 
+    *listen_host* (an IP address) is the mapping's own listen address;
+    None, the default, listens on the proxy's (--listen-address).
     *allow* (CIDR strings or networks) limits which clients may connect;
     *max_connections* (0 = unlimited) caps concurrent clients; the
     TLS_FIELDS turn on TLS to the upstream or for clients.
     *send_proxy* ("v1", "v2" or "": off) sends a PROXY protocol header
     upstream; *accept_proxy* requires one from every client.  Mappings
     are values: two equal mappings mean the same thing, and a
-    configuration change is a difference of sets keyed by *listen_port*.
+    configuration change is a difference of sets keyed by *key* (the
+    listen port, or "IP:PORT" with a listen address of its own).
     """
 
     listen_port: int
@@ -613,10 +705,14 @@ class Mapping:
     tls_key: str = None
     send_proxy: str = ""
     accept_proxy: bool = False
+    listen_host: str = None
 
     def __post_init__(self):
         spec = "%s:%s" % (self.listen_port, _format_hostport(str(self.host), self.port))
+        if self.listen_host is not None:
+            spec = "%s:%s" % (str(self.listen_host), spec)
         try:
+            object.__setattr__(self, "listen_host", check_listen_host(self.listen_host))
             object.__setattr__(self, "listen_port",
                                check_port(self.listen_port, "listen port", minimum=0))
             object.__setattr__(self, "port", check_port(self.port, "target port"))
@@ -650,35 +746,52 @@ class Mapping:
 
     @classmethod
     def parse(cls, spec, **options):
-        """Parse ``LPORT:HOST:RPORT`` (``LPORT:[V6]:RPORT`` for IPv6)."""
+        """Parse ``LPORT:HOST:RPORT``, ``LISTEN_IP:LPORT:HOST:RPORT`` or
+        ``[LISTEN_IPV6]:LPORT:HOST:RPORT`` (an IPv6 target in brackets too:
+        ``8002:[::1]:5432``)."""
         text = str(spec).strip()
-        m = re.match(r"^([^:\[\]]*):\[([^\]]*)\]:([^:\[\]]*)$", text)
-        if m:
-            lport, host, rport = m.groups()
-        else:
-            parts = text.split(":")
-            if len(parts) != 3:
-                if len(parts) == 4 and _is_ip(parts[0]):
-                    reason = ("a listen address cannot be given per mapping: use "
-                              "--listen-address %s and %s" % (parts[0], ":".join(parts[1:])))
-                elif len(parts) > 3:
-                    reason = "IPv6 targets must be in brackets, e.g. 8002:[::1]:5432"
-                else:
-                    reason = "expected LPORT:HOST:RPORT"
-                raise ConfigError("invalid connection %s: %s" % (short_repr(text), reason))
-            lport, host, rport = parts
+        fields = _spec_fields(text)
+        if fields is None:
+            raise ConfigError("invalid connection %s: unbalanced brackets (expected %s)"
+                              % (short_repr(text), LISTEN_FORMS))
+        listen_host = None
+        if len(fields) == 4:
+            listen_host = fields.pop(0)
+            if not listen_host:
+                raise ConfigError("invalid connection %s: empty listen address (leave it "
+                                  "out for --listen-address)" % short_repr(text))
+        elif len(fields) != 3:
+            reason = ("an IPv6 address must be in brackets, e.g. [::1]:8002:[::1]:5432"
+                      if len(fields) > 4 else "expected %s" % LISTEN_FORMS)
+            raise ConfigError("invalid connection %s: %s" % (short_repr(text), reason))
+        elif fields[0].startswith("[") or _is_ip(fields[0]):
+            raise ConfigError("invalid connection %s: a listen address needs "
+                              "LISTEN_IP:LPORT:HOST:RPORT" % short_repr(text))
+        lport, host, rport = fields
+        if host.startswith("["):
+            host = host[1:-1]
         if not host:
             raise ConfigError("invalid connection %s: missing host" % short_repr(text))
         try:
+            listen_host = check_listen_host(listen_host)
             lport = check_port(lport, "listen port")
             rport = check_port(rport, "target port")
         except ConfigError as exc:
             raise ConfigError("invalid connection %s: %s" % (short_repr(text), exc)) from None
-        return cls(lport, host, rport, **options)
+        return cls(lport, host, rport, listen_host=listen_host, **options)
 
     @property
     def spec(self):
-        return "%d:%s" % (self.listen_port, _format_hostport(self.host, self.port))
+        target = _format_hostport(self.host, self.port)
+        if self.listen_host is None:
+            return "%d:%s" % (self.listen_port, target)
+        return "%s:%s" % (_format_hostport(self.listen_host, self.listen_port), target)
+
+    @property
+    def key(self):
+        """The mapping's name (see _mapping_key): its listen port, or
+        "IP:PORT" when it has a listen address of its own."""
+        return _mapping_key(self.listen_host, self.listen_port)
 
     @property
     def target(self):
@@ -688,16 +801,35 @@ class Mapping:
         return self.spec
 
 
-def parse_connections(values, **options):
+_SPEC_FIELD = re.compile(r"\[[^\[\]]*\]|[^:\[\]]*")
+
+
+def _spec_fields(text):
+    """*text* split on the colons outside brackets (a bracketed field keeps
+    its brackets), or None when a bracket is unbalanced."""
+    fields, pos = [], 0
+    while True:
+        m = _SPEC_FIELD.match(text, pos)
+        fields.append(m.group())
+        pos = m.end()
+        if pos == len(text):
+            return fields
+        if text[pos] != ":":
+            return None
+        pos += 1
+
+
+def parse_connections(values, default_host=None, **options):
     """Parse ``--connections`` values: each is split on commas and white
     space; *options* are given to every Mapping.  Raises ConfigError on a
-    bad spec or a duplicate listen port."""
+    bad spec or two mappings that cannot both listen (*default_host*: the
+    --listen-address, see check_unique_ports)."""
     entries = []
     for value in values or ():
         for spec in re.split(r"[,\s]+", str(value).strip()):
             if spec:
                 entries.append((repr(spec), Mapping.parse(spec, **options)))
-    return check_unique_ports(entries)
+    return check_unique_ports(entries, default_host)
 
 
 # Resolver ####################################################################
