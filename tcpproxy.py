@@ -535,6 +535,11 @@ def _key_order(key):
     return (int(port), host)
 
 
+def _by_key(items):
+    """(key, value) pairs of a dict keyed by mapping keys, in _key_order."""
+    return sorted(items, key=lambda item: _key_order(item[0]))
+
+
 def _listen_clash(a, b):
     """Why listeners on the addresses *a* and *b* (IP strings; None: the
     proxy's default, not known here) cannot share a port, or None.  On
@@ -1298,14 +1303,18 @@ class Session:
     thread's feet.
     """
 
-    __slots__ = ("id", "listen_port", "target", "client", "upstream_address",
+    __slots__ = ("id", "listen_port", "listen", "target", "client", "upstream_address",
                  "started", "opened", "connected", "last_up", "last_down", "bytes_up",
                  "bytes_down", "lock", "client_sock", "upstream_sock", "closed_reason",
                  "state", "pumps", "tls", "proxy_protocol", "json_head")
 
-    def __init__(self, sid, listen_port, target, client, client_sock):
+    def __init__(self, sid, listen_port, target, client, client_sock, listen=None):
         self.id = sid
+        # The mapping's key (see _mapping_key): its listen port, or "IP:PORT"
+        # when it has a listen address of its own; *listen* is where its
+        # listener is bound ("0.0.0.0:8002"), for /connections.
         self.listen_port = listen_port
+        self.listen = listen
         self.target = target
         self.client = client
         self.client_sock = client_sock
@@ -1368,7 +1377,7 @@ class Session:
                     sock.close()
 
     def to_dict(self):
-        return {"id": self.id, "mapping": self.listen_port,
+        return {"id": self.id, "mapping": self.listen_port, "listen": self.listen,
                 "target": _format_hostport(*self.target),
                 "client": _format_hostport(*self.client[:2]),
                 "upstream": (_format_hostport(*self.upstream_address[:2])
@@ -1386,10 +1395,10 @@ class Session:
         head = self.json_head
         if head is None:
             upstream = self.upstream_address
-            head = '"client": %s, "id": %d, "mapping": %d, "started": "%s", "target": %s, ' \
-                   '"tls": %s, "upstream": %s' % (
+            head = '"client": %s, "id": %d, "listen": %s, "mapping": %s, "started": "%s", ' \
+                   '"target": %s, "tls": %s, "upstream": %s' % (
                        json.dumps(_format_hostport(*self.client[:2])), self.id,
-                       self.listen_port, _iso(self.started),
+                       json.dumps(self.listen), json.dumps(self.listen_port), _iso(self.started),
                        json.dumps(_format_hostport(*self.target)), json.dumps(self.tls),
                        json.dumps(_format_hostport(*upstream[:2]) if upstream else None))
             if self.state == "open":
@@ -1438,7 +1447,9 @@ class Registry:
 
     Methods for the caller: open(), close(), count_refused(), count_failed(),
     sessions(port) (in id order), active(port), wait_idle(port, deadline),
-    forget(port), stats(), snapshot().
+    forget(port), stats(), snapshot().  A "port" here is a mapping's key
+    (see _mapping_key): its listen port, or "IP:PORT" for a mapping with a
+    listen address of its own.
     """
 
     def __init__(self):
@@ -1449,8 +1460,11 @@ class Registry:
         self._stats = {}
         self._ids = itertools.count(1)
 
-    def open(self, listen_port, target, client, client_sock, limit=0, global_limit=0):
-        """Register a session; returns None when a limit is reached."""
+    def open(self, listen_port, target, client, client_sock, limit=0, global_limit=0,
+             listen=None):
+        """Register a session (*listen_port*: the mapping's key, see
+        _mapping_key; *listen*: its listener's address as text); returns
+        None when a limit is reached."""
         with self.lock:
             stats = self._stats_of(listen_port)
             if ((limit and stats.active >= limit)
@@ -1458,7 +1472,7 @@ class Registry:
                 stats.refused += 1
                 stats.refused_by["limit"] = stats.refused_by.get("limit", 0) + 1
                 return None
-            session = Session(next(self._ids), listen_port, target, client, client_sock)
+            session = Session(next(self._ids), listen_port, target, client, client_sock, listen)
             self._sessions[session.id] = session
             stats.active += 1
             stats.total += 1
@@ -1539,7 +1553,7 @@ class Registry:
             self._stats.pop(listen_port, None)
 
     def stats(self, details=False):
-        """{listen_port: counters dict}, with the bytes of open sessions
+        """{mapping key: counters dict}, with the bytes of open sessions
         (*details*: with _Stats.details()).  For the status server: it
         sleeps briefly every 200 sessions (see _paced)."""
         with self.lock:
@@ -1556,7 +1570,7 @@ class Registry:
         return stats
 
     def snapshot(self):
-        """Return (sessions as dicts, {listen_port: stats dict})."""
+        """Return (sessions as dicts, {mapping key: stats dict})."""
         return [s.to_dict() for s in self.sessions()], self.stats()
 
 
@@ -1643,7 +1657,7 @@ class DnsChangeWatcher:
                 upstream = session.upstream_address
                 gone_for = upstream and due.get((session.target[0], upstream[0]))
                 if gone_for is not None and session.closed_reason is None:
-                    log.warning("%d: closing %s: %s has not resolved to %s for %gs",
+                    log.warning("%s: closing %s: %s has not resolved to %s for %gs",
                                 session.listen_port, _format_hostport(*session.client[:2]),
                                 session.target[0], upstream[0], round(gone_for, 1))
                     session.abort("DNS changed", reset=True)
@@ -1855,7 +1869,8 @@ class ProxyServer(socketserver.ThreadingTCPServer):
     worker pool.
 
     Methods for the caller: serve_forever(), stop_accepting(),
-    server_close(), set_mapping(mapping), port.  Overridden hooks:
+    server_close(), set_mapping(mapping), port; attributes key (the
+    mapping's, see _mapping_key) and listen ("IP:PORT" it is bound to).  Overridden hooks:
     server_bind(), get_request(), verify_request(), process_request(),
     shutdown_request(), handle_error(); and serve_forever() itself, which
     sleeps until a client comes or stop_accepting() wakes it.
@@ -1876,6 +1891,10 @@ class ProxyServer(socketserver.ThreadingTCPServer):
         self._stopping = threading.Event()
         self.tls = proxy.tls.settings(mapping, load=True)    # TLS: None for plain TCP
         super().__init__((listen_host, mapping.listen_port), None)
+        # The mapping's name in the Registry, /status, /metrics and the logs
+        # (see _mapping_key), and where it listens, as text: both fixed now.
+        self.key = _mapping_key(mapping.listen_host, self.server_address[1])
+        self.listen = _format_hostport(*self.server_address[:2])
 
     @property
     def port(self):
@@ -1896,8 +1915,8 @@ class ProxyServer(socketserver.ThreadingTCPServer):
             return self.socket.accept()
         except OSError as exc:
             if exc.errno in EXHAUSTION_ERRS:
-                _ratelimited.log(logging.ERROR, ("accept", self.port), "%d: cannot accept "
-                                 "(%s): shedding a client and backing off", self.port,
+                _ratelimited.log(logging.ERROR, ("accept", self.key), "%s: cannot accept "
+                                 "(%s): shedding a client and backing off", self.key,
                                  exc.strerror)
                 self.proxy.spare.shed(self.socket)
                 self._stopping.wait(ACCEPT_BACKOFF)
@@ -1912,10 +1931,10 @@ class ProxyServer(socketserver.ThreadingTCPServer):
                 _allowed(client_address[0], proxy.allow)
                 and _allowed(client_address[0], mapping.allow)):
             return True
-        proxy.registry.count_refused(self.port)
-        _ratelimited.log(logging.WARNING, ("acl", self.port),
-                         "%d: refused client %s: not in the allow list",
-                         self.port, client_address[0])
+        proxy.registry.count_refused(self.key)
+        _ratelimited.log(logging.WARNING, ("acl", self.key),
+                         "%s: refused client %s: not in the allow list",
+                         self.key, client_address[0])
         return False
 
     def process_request(self, request, client_address):
@@ -1927,12 +1946,12 @@ class ProxyServer(socketserver.ThreadingTCPServer):
         pp = self._pp_admitted or (mapping if mapping.send_proxy else None)
         if pp is not None:
             self._pp_admitted = None
-        session = proxy.registry.open(self.port, mapping.target, client_address, request,
-                                      mapping.max_connections, proxy.max_connections)
+        session = proxy.registry.open(self.key, mapping.target, client_address, request,
+                                      mapping.max_connections, proxy.max_connections, self.listen)
         if session is None:
-            _ratelimited.log(logging.WARNING, ("limit", self.port),
-                             "%d: refused client %s: connection limit reached",
-                             self.port, _format_hostport(*client_address[:2]))
+            _ratelimited.log(logging.WARNING, ("limit", self.key),
+                             "%s: refused client %s: connection limit reached",
+                             self.key, _format_hostport(*client_address[:2]))
             _reset_close(request)
             return
         if pp is not None:                # PROXY protocol
@@ -1947,8 +1966,8 @@ class ProxyServer(socketserver.ThreadingTCPServer):
         except RuntimeError as exc:     # can't start new thread
             if partner is not None:
                 workers.give_back(partner)
-            _ratelimited.log(logging.ERROR, ("thread", self.port),
-                             "%d: cannot start a thread (%s): closing client %s", self.port,
+            _ratelimited.log(logging.ERROR, ("thread", self.key),
+                             "%s: cannot start a thread (%s): closing client %s", self.key,
                              exc, _format_hostport(*client_address[:2]))
             session.abort("no thread", reset=True)
             finish_session(proxy, session)
@@ -1959,7 +1978,7 @@ class ProxyServer(socketserver.ThreadingTCPServer):
         _reset_close(request)
 
     def handle_error(self, request, client_address):
-        log.exception("%d: error handling %s", self.port, client_address)
+        log.exception("%s: error handling %s", self.key, client_address)
 
     def serve_forever(self, poll_interval=LISTEN_POLL_INTERVAL):
         """Accept clients until stop_accepting().  socketserver's loop
@@ -2047,7 +2066,7 @@ def serve_client(proxy, listener, session, partner):
     *partner* is a worker reserved for the upstream -> client pump; it is
     given back if the session ends before the pumps start."""
     me = threading.current_thread()
-    me.name = "tcpproxy-%d-%s" % (session.listen_port, session.client[1])
+    me.name = "tcpproxy-%s-%s" % (session.listen_port, session.client[1])
     upstream = None
     try:
         if proxy.state != "running":
@@ -2077,7 +2096,7 @@ def serve_client(proxy, listener, session, partner):
     if log.isEnabledFor(logging.INFO):
         peer, address = (_format_hostport(*session.client[:2]),
                          _format_hostport(*session.upstream_address[:2]))
-        log.info("%d: %s connected to %s via %s", session.listen_port, peer, address,
+        log.info("%s: %s connected to %s via %s", session.listen_port, peer, address,
                  session.target[0], extra={
                      "event": "session_open", "session": session.id,
                      "mapping": session.listen_port, "client": peer, "upstream": address,
@@ -2122,7 +2141,7 @@ def connect_upstream(proxy, listener, session):
         addresses = proxy.resolver.lookup(host)
     except ResolveError as exc:
         _ratelimited.log(logging.WARNING, ("resolve", listen_port),
-                         "%d: closing client %s: %s", listen_port,
+                         "%s: closing client %s: %s", listen_port,
                          _format_hostport(*session.client[:2]), exc)
         proxy.registry.count_failed(listen_port, "resolve")
         session.abort("cannot resolve %s" % host)
@@ -2190,7 +2209,7 @@ def connect_upstream(proxy, listener, session):
             else:
                 kind, reason = _FAILURE_KINDS.get(exc.errno, "other"), exc.strerror or str(exc)
             errors.append("%s: %s" % (_format_hostport(address, port), reason))
-            log.info("%d: connect to %s failed: %s", listen_port,
+            log.info("%s: connect to %s failed: %s", listen_port,
                      _format_hostport(address, port), reason)
             if timed_out or exc.errno in NET_ERRS:   # the upstream's fault, not ours
                 health.failed(address, port, reason)
@@ -2202,13 +2221,13 @@ def connect_upstream(proxy, listener, session):
             health.succeeded(address, port)
         for reason in skipped:
             _ratelimited.log(logging.WARNING, ("skipped", listen_port, reason),
-                             "%d: skipped %s", listen_port, reason)
+                             "%s: skipped %s", listen_port, reason)
         if session.closed_reason is not None:
             return None                   # finish_session() closes it
         session.upstream_address = (address, port)
         return sock
     _ratelimited.log(logging.WARNING, ("connect", listen_port),
-                     "%d: closing client %s: no upstream for %d:%s accepted (%s)",
+                     "%s: closing client %s: no upstream for %s:%s accepted (%s)",
                      listen_port, _format_hostport(*session.client[:2]), listen_port,
                      _format_hostport(host, port), _clip("; ".join(skipped + errors))
                      or "no address")
@@ -2240,7 +2259,7 @@ def finish_session(proxy, session):
     """Close *session* for good: log, unregister, close both sockets."""
     if log.isEnabledFor(logging.INFO) and session.state == "open":
         peer, reason = _format_hostport(*session.client[:2]), session.closed_reason or "done"
-        log.info("%d: %s closed (%s), %d bytes up, %d bytes down", session.listen_port,
+        log.info("%s: %s closed (%s), %d bytes up, %d bytes down", session.listen_port,
                  peer, reason, session.bytes_up, session.bytes_down, extra={
                      "event": "session_close", "session": session.id,
                      "mapping": session.listen_port, "client": peer,
@@ -2662,14 +2681,14 @@ def admit_proxied_peer(server, mapping, client_address):
     if not networks or _allowed(client_address[0], networks):
         server._pp_admitted = mapping
         return True
-    _refuse_proxied(server.proxy, server.port, client_address[0], "not in --accept-proxy-from")
+    _refuse_proxied(server.proxy, server.key, client_address[0], "not in --accept-proxy-from")
     return False
 
 
 def _refuse_proxied(proxy, port, peer, reason):
     proxy.registry.count_refused(port, "proxy_protocol")
     _ratelimited.log(logging.WARNING, ("proxy_protocol", port),
-                     "%d: refused client %s: PROXY protocol: %s", port, peer, reason)
+                     "%s: refused client %s: PROXY protocol: %s", port, peer, reason)
 
 
 def read_proxy_header(proxy, session):
@@ -2697,7 +2716,7 @@ def read_proxy_header(proxy, session):
     if (proxy.allow or mapping.allow) and not (
             _allowed(client, proxy.allow) and _allowed(client, mapping.allow)):
         proxy.registry.count_refused(port)
-        _ratelimited.log(logging.WARNING, ("acl", port), "%d: refused client %s (via %s): "
+        _ratelimited.log(logging.WARNING, ("acl", port), "%s: refused client %s (via %s): "
                          "not in the allow list", port, client, peer)
         session.abort("not in the allow list", reset=True)
         return False
@@ -2832,7 +2851,7 @@ def send_proxy_header(proxy, session, upstream):
     except OSError as exc:
         if session.closed_reason is None:
             _ratelimited.log(logging.WARNING, ("send_proxy", session.listen_port),
-                             "%d: closing client %s: cannot send the PROXY header to %s: %s",
+                             "%s: closing client %s: cannot send the PROXY header to %s: %s",
                              session.listen_port, _format_hostport(*session.client[:2]),
                              _format_hostport(*session.upstream_address[:2]),
                              exc.strerror or exc)
@@ -3071,7 +3090,7 @@ def _tls_handshake(proxy, session, side, wrap, timeout, name=None):
             text = "certificate verify failed: %s (name checked: %s)" % (
                 exc.verify_message, name)
         level = logging.INFO if side == "client" and reason == "closed" else logging.WARNING
-        _ratelimited.log(level, ("tls", side, port), "%d: closing client %s: TLS handshake "
+        _ratelimited.log(level, ("tls", side, port), "%s: closing client %s: TLS handshake "
                          "with the %s failed (%s): %s", port,
                          _format_hostport(*session.client[:2]), side, reason, text)
         session.abort("%s TLS handshake failed" % side, reset=True)
@@ -3094,7 +3113,7 @@ def tls_accept(proxy, listener, session):
     except ConfigError as exc:
         proxy.tls.count_failure(session.listen_port, "client", "config")
         _ratelimited.log(logging.ERROR, ("tls-config", session.listen_port),
-                         "%d: closing client %s: %s", session.listen_port,
+                         "%s: closing client %s: %s", session.listen_port,
                          _format_hostport(*session.client[:2]), exc)
         session.abort("no TLS certificate", reset=True)
         return False
@@ -3285,7 +3304,7 @@ def _tls_failed(session, exc, side):
     if session.closed_reason is not None:
         return
     _ratelimited.log(logging.DEBUG if isinstance(exc, ssl.SSLEOFError) else logging.WARNING,
-                     ("tls-error", session.listen_port), "%d: session %d: TLS error from "
+                     ("tls-error", session.listen_port), "%s: session %d: TLS error from "
                      "the %s: %s; resetting it", session.listen_port, session.id, side, exc)
     session.abort("%s TLS error (%s)" % (side, getattr(exc, "reason", None) or exc), reset=True)
 
@@ -3642,7 +3661,7 @@ def metrics_text(proxy):
     servers = proxy.servers
     backend = proxy.backend_state()
     out = _Exposition()
-    ports = sorted(set(stats) | set(servers))
+    ports = sorted(set(stats) | set(servers), key=_key_order)
 
     def per_port(key):
         return [((("mapping", port),), stats.get(port, {}).get(key, 0)) for port in ports]
@@ -3676,7 +3695,7 @@ def metrics_text(proxy):
                   [((("mapping", port),), stats.get(port, {}).get("connect_counts", empty),
                     stats.get(port, {}).get("connect_sum", 0.0)) for port in ports])
     dns = []
-    for port, server in sorted(servers.items()):
+    for port, server in _by_key(servers.items()):
         host = server.mapping.host
         if not _is_ip(host):
             dns.append((port, host, proxy.resolver.info(host)))
@@ -3701,7 +3720,7 @@ def metrics_text(proxy):
                "TLS handshakes failed, by side (client, upstream) and reason.",
                [((("mapping", port), ("side", side), ("reason", reason)),
                  tls_failures.get((port, side, reason), 0))
-                for port, server in sorted(servers.items()) if server.tls is not None
+                for port, server in _by_key(servers.items()) if server.tls is not None
                 for side, on in (("client", server.tls.tls_cert),
                                  ("upstream", server.tls.upstream_tls)) if on
                 for reason in TLS_FAILURE_REASONS])
@@ -3709,13 +3728,14 @@ def metrics_text(proxy):
                "1 while an upstream address takes connections, 0 while it is held down "
                "after failures (passive health).",
                [((("mapping", port), ("address", entry["address"])), int(entry["up"]))
-                for port, server in sorted(servers.items())
+                for port, server in _by_key(servers.items())
                 for entry in proxy.health.snapshot(
                     proxy.resolver.info(server.mapping.host)["addresses"],
                     server.mapping.port)])
     out.family("tcpproxy_mapping_failing", "gauge",
                "Connection attempts failed since the last success.",
-               [((("mapping", port),), server.failing) for port, server in sorted(servers.items())])
+               [((("mapping", port),), server.failing)
+                for port, server in _by_key(servers.items())])
     if "polls" in backend:
         out.family("tcpproxy_backend_last_success_timestamp_seconds", "gauge",
                    "When the backend was last read successfully (Unix time).",
@@ -3804,24 +3824,24 @@ def status_report(proxy):
         reasons.append("draining")
     elif state != "running":
         reasons.append(state)
-    for port, server in sorted(proxy.servers.items()):
+    for port, server in _by_key(proxy.servers.items()):
         mapping = server.mapping
         dns_info = proxy.resolver.info(mapping.host)
         listening = server.socket.fileno() != -1
         if not listening and state == "running":
-            reasons.append("listener %d is down" % port)
+            reasons.append("listener %s is down" % port)
         if dns_info["stale"]:
-            warnings.append("%d: DNS answer for %s is stale (%s)"
+            warnings.append("%s: DNS answer for %s is stale (%s)"
                             % (port, mapping.host, dns_info["error"]))
         elif dns_info["error"] and not dns_info["addresses"]:
-            warnings.append("%d: cannot resolve %s (%s)"
+            warnings.append("%s: cannot resolve %s (%s)"
                             % (port, mapping.host, dns_info["error"]))
         if server.failing:
-            warnings.append("%d: the last %d connection attempt(s) to %s failed"
+            warnings.append("%s: the last %d connection attempt(s) to %s failed"
                             % (port, server.failing,
                                _format_hostport(mapping.host, mapping.port)))
         mappings.append(dict(stats.get(port, _EMPTY_STATS), **{
-            "spec": mapping.spec, "listen": _format_hostport(*server.server_address[:2]),
+            "mapping": port, "spec": mapping.spec, "listen": server.listen,
             "target": _format_hostport(mapping.host, mapping.port),
             "listening": listening, "addresses": dns_info["addresses"],
             "expires_in": dns_info["expires_in"], "stale": dns_info["stale"],
@@ -3906,9 +3926,9 @@ class Proxy:
         self._status_address = status_address
         self._status_allow = parse_allow(status_allow, "--status-allow")
         self._status_server = None
-        self._initial = check_unique_ports([(str(m), m) for m in mappings])
-        self._servers = {}              # listen_port -> ProxyServer
-        self._server_threads = {}       # listen_port -> serve_forever thread
+        self._initial = check_unique_ports([(str(m), m) for m in mappings], listen_host)
+        self._servers = {}              # mapping key (see _mapping_key) -> ProxyServer
+        self._server_threads = {}       # mapping key -> serve_forever thread
         self._lock = threading.RLock()  # serialises start/apply/stop
         self._backend = dict(backend_info or {"name": "static", "ok": True})
         self._backend_lock = threading.Lock()
@@ -3932,13 +3952,15 @@ class Proxy:
 
     @property
     def mappings(self):
-        """The live mappings, in port order."""
-        return [s.mapping for _, s in sorted(self.servers.items())]
+        """The live mappings, in listen port order."""
+        return [s.mapping for _, s in _by_key(self.servers.items())]
 
     @property
     def servers(self):
-        """{listen_port: ProxyServer}; a copy, taken without the apply/stop
-        lock so that /status answers while a drain holds it."""
+        """{mapping key: ProxyServer} (the key: the listen port, or "IP:PORT"
+        for a mapping with a listen address of its own, see _mapping_key);
+        a copy, taken without the apply/stop lock so that /status answers
+        while a drain holds it."""
         return dict(self._servers)
 
     def own_address(self, address, port):
@@ -4016,18 +4038,20 @@ class Proxy:
     def apply(self, mappings, timeout=5.0):
         """Make *mappings* the live set: removed mappings stop (their
         sessions are closed), new ones start, a changed target on the same
-        port keeps listening (open connections stay on the old target).
-        Raises ConfigError listing the mappings that could not start."""
-        mappings = check_unique_ports([(str(m), m) for m in mappings])
-        wanted = {m.listen_port: m for m in mappings}
+        listen address and port keeps listening (open connections stay on
+        the old target).  Raises ConfigError, changing nothing, when two
+        mappings cannot both listen (see listen_conflict), and listing the
+        mappings that could not start."""
+        mappings = check_unique_ports([(str(m), m) for m in mappings], self.listen_host)
+        wanted = {m.key: m for m in mappings}
         failures = {}
         with self._lock:
             if self.state != "running":
                 raise ProxyError("proxy is not running")
             deadline = time.monotonic() + timeout
-            for port in sorted(set(self._servers) - set(wanted)):
+            for port in sorted(set(self._servers) - set(wanted), key=_key_order):
                 self._stop_server(port, deadline, "mapping removed")
-            for port, mapping in sorted(wanted.items()):
+            for port, mapping in _by_key(wanted.items()):
                 server = self._servers.get(port)
                 if server is None:
                     try:
@@ -4037,7 +4061,7 @@ class Proxy:
                         failures[mapping.spec] = _clip(exc)
                         _once.log(logging.ERROR, ("listen", port), "%s", exc)
                 elif server.mapping != mapping:
-                    log.info("%d: mapping changed: %s -> %s (open connections stay "
+                    log.info("%s: mapping changed: %s -> %s (open connections stay "
                              "on the old target)", port, server.mapping, mapping)
                     server.set_mapping(mapping)
             self.failed_mappings = failures
@@ -4067,7 +4091,7 @@ class Proxy:
             self.state = "stopping"
             deadline = time.monotonic() + timeout
             self._stop_accepting_all()
-            for port in sorted(self._servers):
+            for port in sorted(self._servers, key=_key_order):
                 self._stop_server(port, deadline, "proxy stopping")
             if self._watcher is not None:
                 self._watcher.stop(deadline)
@@ -4109,7 +4133,7 @@ class Proxy:
             now = time.monotonic()
             for session in self.registry.sessions():
                 if session.state == "open" and session.between_exchanges(DRAIN_QUIET, now):
-                    log.info("%d: closing %s: idle between exchanges while draining",
+                    log.info("%s: closing %s: idle between exchanges while draining",
                              session.listen_port, _format_hostport(*session.client[:2]))
                     session.abort("idle while draining")
             if now >= deadline:
@@ -4138,35 +4162,36 @@ class Proxy:
             log.warning("%s", warning)
 
     def _start_server(self, mapping):
+        host = mapping.listen_host or self.listen_host
         try:
-            server = ProxyServer(mapping, self, self.listen_host)
+            server = ProxyServer(mapping, self, host)
         except OSError as exc:
             raise ConfigError("cannot listen on %s for %s: %s" % (
-                _format_hostport(self.listen_host, mapping.listen_port), mapping,
+                _format_hostport(host, mapping.listen_port), mapping,
                 exc.strerror or exc)) from None
-        port = server.port
-        thread = threading.Thread(target=server.serve_forever, name="tcpproxy-listen-%d" % port)
+        key = server.key
+        thread = threading.Thread(target=server.serve_forever, name="tcpproxy-listen-%s" % key)
         thread.start()
-        self._servers[port] = server
-        self._server_threads[port] = thread
-        self._own(port, server.server_address[0])
-        log.info("listening on %s for %s", _format_hostport(self.listen_host, port), mapping)
+        self._servers[key] = server
+        self._server_threads[key] = thread
+        self._own(server.port, server.server_address[0])
+        log.info("listening on %s for %s", server.listen, mapping)
         return server
 
     def _stop_server(self, port, deadline, reason):
         server = self._servers.pop(port)
         thread = self._server_threads.pop(port)
-        self._own(port, server.server_address[0], add=False)
+        self._own(server.port, server.server_address[0], add=False)
         server.stop_accepting()
         thread.join(max(0.0, deadline - time.monotonic()))
         for session in self.registry.sessions(port):
             session.abort(reason)
         if not self.registry.wait_idle(port, deadline):
-            log.warning("%d: %d connection(s) did not end in time", port,
+            log.warning("%s: %d connection(s) did not end in time", port,
                         self.registry.active(port))
         server.server_close()
         self.registry.forget(port)
-        log.info("stopped listening on %d (%s)", port, reason)
+        log.info("stopped listening on %s (%s)", port, reason)
 
     def _stop_accepting_all(self, timeout=5.0):
         """Close every listener: wake them all (stop_accepting() does not
@@ -4230,10 +4255,11 @@ class BackendPoller:
 
     A failed poll, or a rejected configuration (ConfigRejected), keeps the
     mappings in force and is retried with backoff capped at the interval;
-    poke() (SIGHUP) polls at once.  A backend may also name listen ports
-    whose items are invalid or in conflict (``backend.held``, with
-    ``backend.problems`` saying why): whatever is in force on those ports
-    stays, the rest applies (a None in held: nothing is removed).  Every
+    poke() (SIGHUP) polls at once.  A backend may also name mapping keys
+    (listen ports, or "IP:PORT": see _mapping_key) whose items are invalid
+    or in conflict (``backend.held``, with ``backend.problems`` saying
+    why): whatever is in force there stays, the rest applies (a None in
+    held: nothing is removed).  Every
     error is logged once per change, with a reminder while it lasts.
     """
 
@@ -4314,11 +4340,12 @@ class BackendPoller:
         return self._record(True, None, partial=partial, rejected=rejected)
 
     def _hold(self, mappings, held):
-        """*mappings*, with what is in force kept on the *held* ports."""
+        """*mappings*, with what is in force kept on the *held* mapping keys
+        (listen ports, or "IP:PORT", see _mapping_key)."""
         if not held:
             return mappings
-        current = {m.listen_port: m for m in self.proxy.mappings}
-        wanted = {m.listen_port: m for m in mappings if m.listen_port not in held}
+        current = {m.key: m for m in self.proxy.mappings}
+        wanted = {m.key: m for m in mappings if m.key not in held}
         for port in held:
             if port is None:
                 for other, mapping in current.items():
@@ -4495,8 +4522,11 @@ def build_parser(environ=None):
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     add = parser.add_argument
     add("--version", action="version", version="tcpproxy " + __version__)
-    add("--connections", action="extend", nargs="+", default=[], metavar="LPORT:HOST:RPORT",
-        help="mappings, separated by commas or spaces; may be repeated")
+    add("--connections", action="extend", nargs="+", default=[],
+        metavar="[LISTEN_IP:]LPORT:HOST:RPORT",
+        help="mappings, separated by commas or spaces; may be repeated.  LISTEN_IP "
+             "(IPv6 in brackets: [::1]:8002:db:5432) is the mapping's own listen address "
+             "instead of --listen-address, so one port can serve two targets")
     add("--backend", type=_arg_type(_backend_name), default="static",
         help="where mappings come from: %s (default static)" % ", ".join(BACKENDS))
     add("--check", action="store_true",
@@ -4509,7 +4539,8 @@ def build_parser(environ=None):
         help="clients allowed to read the status endpoints besides loopback "
              "(default: anyone who can reach it)")
     add("--listen-address", type=_arg_type(_listen_address), default="0.0.0.0", metavar="IP",
-        help="address the mappings listen on (default 0.0.0.0; '::' for dual stack)")
+        help="address the mappings listen on unless they name their own (default "
+             "0.0.0.0; '::' for dual stack)")
     add("--resolver", action="append", type=_arg_type(_resolver_address), default=[],
         metavar="IP[:PORT]", help="DNS server to ask (repeatable; default: /etc/resolv.conf)")
     add("--dns-timeout", type=_arg_type(_seconds), default=DEFAULT_DNS_TIMEOUT,
@@ -4617,7 +4648,8 @@ def parse_args(argv=None, environ=None):
     except (ValueError, ConfigError) as exc:
         parser.error("argument --status: %s" % exc)
     try:
-        args.mappings = parse_connections(args.connections, **_mapping_options(args))
+        args.mappings = parse_connections(args.connections, args.listen_address,
+                                          **_mapping_options(args))
     except ConfigError as exc:
         parser.error("argument --connections: %s" % exc)
     try:
@@ -4920,7 +4952,7 @@ def check_config(args):
         problems = getattr(backend, "problems", None) or {}
     except ProxyError as exc:
         return _fail(exc)
-    for mapping in sorted(mappings, key=lambda m: m.listen_port):
+    for mapping in sorted(mappings, key=lambda m: _key_order(m.key)):
         extra = []
         if mapping.allow:
             extra.append("allow=" + ",".join(map(str, mapping.allow)))
