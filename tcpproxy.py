@@ -64,6 +64,7 @@ __all__ = [
     "ProxyError", "ConfigError", "BackendError", "ConfigRejected", "ConfigPending",
     "ResolveError",
     "short_repr", "check_port", "parse_hostport", "parse_allow", "check_limit", "check_unique_ports",
+    "check_listen_host", "parse_listen", "listen_conflict", "spec_key", "mapping_key",
     "check_tls", "TLS_FIELDS", "TlsContexts",
     "check_proxy_version", "check_flag", "proxy_header", "parse_proxy_header",
     "Mapping", "parse_connections", "Resolver", "Registry", "Session",
@@ -520,7 +521,7 @@ def parse_listen(value, what="listen"):
     return check_listen_host(m.group(1), "%s address" % what), check_port(m.group(2), what)
 
 
-def _mapping_key(listen_host, port):
+def mapping_key(listen_host, port):
     """A mapping's name in the Registry, /status, /connections, /metrics and
     the logs: its listen port (an int, as before per-mapping addresses) when
     it listens on the proxy's --listen-address, else "IP:PORT"."""
@@ -794,9 +795,9 @@ class Mapping:
 
     @property
     def key(self):
-        """The mapping's name (see _mapping_key): its listen port, or
+        """The mapping's name (see mapping_key): its listen port, or
         "IP:PORT" when it has a listen address of its own."""
-        return _mapping_key(self.listen_host, self.listen_port)
+        return mapping_key(self.listen_host, self.listen_port)
 
     @property
     def target(self):
@@ -804,6 +805,20 @@ class Mapping:
 
     def __str__(self):
         return self.spec
+
+
+def spec_key(text):
+    """The key (see Mapping.key) that a spec such as
+    ``127.0.0.1:8002:db:5432`` names, even when the rest of it is bad; None
+    when its listen address and port cannot be told."""
+    fields = _spec_fields(str(text).strip())
+    if not fields or len(fields) not in (3, 4):
+        return None
+    try:
+        host = check_listen_host(fields[0]) if len(fields) == 4 else None
+        return mapping_key(host, check_port(fields[-3].strip()))
+    except ConfigError:
+        return None
 
 
 _SPEC_FIELD = re.compile(r"\[[^\[\]]*\]|[^:\[\]]*")
@@ -1310,7 +1325,7 @@ class Session:
 
     def __init__(self, sid, listen_port, target, client, client_sock, listen=None):
         self.id = sid
-        # The mapping's key (see _mapping_key): its listen port, or "IP:PORT"
+        # The mapping's key (see mapping_key): its listen port, or "IP:PORT"
         # when it has a listen address of its own; *listen* is where its
         # listener is bound ("0.0.0.0:8002"), for /connections.
         self.listen_port = listen_port
@@ -1448,7 +1463,7 @@ class Registry:
     Methods for the caller: open(), close(), count_refused(), count_failed(),
     sessions(port) (in id order), active(port), wait_idle(port, deadline),
     forget(port), stats(), snapshot().  A "port" here is a mapping's key
-    (see _mapping_key): its listen port, or "IP:PORT" for a mapping with a
+    (see mapping_key): its listen port, or "IP:PORT" for a mapping with a
     listen address of its own.
     """
 
@@ -1463,7 +1478,7 @@ class Registry:
     def open(self, listen_port, target, client, client_sock, limit=0, global_limit=0,
              listen=None):
         """Register a session (*listen_port*: the mapping's key, see
-        _mapping_key; *listen*: its listener's address as text); returns
+        mapping_key; *listen*: its listener's address as text); returns
         None when a limit is reached."""
         with self.lock:
             stats = self._stats_of(listen_port)
@@ -1870,8 +1885,8 @@ class ProxyServer(socketserver.ThreadingTCPServer):
 
     Methods for the caller: serve_forever(), stop_accepting(),
     server_close(), set_mapping(mapping), port; attributes key (the
-    mapping's, see _mapping_key) and listen ("IP:PORT" it is bound to).  Overridden hooks:
-    server_bind(), get_request(), verify_request(), process_request(),
+    mapping's, see mapping_key) and listen (the "IP:PORT" it is bound to).
+    Overridden hooks: server_bind(), get_request(), verify_request(), process_request(),
     shutdown_request(), handle_error(); and serve_forever() itself, which
     sleeps until a client comes or stop_accepting() wakes it.
     """
@@ -1892,8 +1907,8 @@ class ProxyServer(socketserver.ThreadingTCPServer):
         self.tls = proxy.tls.settings(mapping, load=True)    # TLS: None for plain TCP
         super().__init__((listen_host, mapping.listen_port), None)
         # The mapping's name in the Registry, /status, /metrics and the logs
-        # (see _mapping_key), and where it listens, as text: both fixed now.
-        self.key = _mapping_key(mapping.listen_host, self.server_address[1])
+        # (see mapping_key), and where it listens, as text: both fixed now.
+        self.key = mapping_key(mapping.listen_host, self.server_address[1])
         self.listen = _format_hostport(*self.server_address[:2])
 
     @property
@@ -3927,7 +3942,7 @@ class Proxy:
         self._status_allow = parse_allow(status_allow, "--status-allow")
         self._status_server = None
         self._initial = check_unique_ports([(str(m), m) for m in mappings], listen_host)
-        self._servers = {}              # mapping key (see _mapping_key) -> ProxyServer
+        self._servers = {}              # mapping key (see mapping_key) -> ProxyServer
         self._server_threads = {}       # mapping key -> serve_forever thread
         self._lock = threading.RLock()  # serialises start/apply/stop
         self._backend = dict(backend_info or {"name": "static", "ok": True})
@@ -3958,7 +3973,7 @@ class Proxy:
     @property
     def servers(self):
         """{mapping key: ProxyServer} (the key: the listen port, or "IP:PORT"
-        for a mapping with a listen address of its own, see _mapping_key);
+        for a mapping with a listen address of its own, see mapping_key);
         a copy, taken without the apply/stop lock so that /status answers
         while a drain holds it."""
         return dict(self._servers)
@@ -4256,7 +4271,7 @@ class BackendPoller:
     A failed poll, or a rejected configuration (ConfigRejected), keeps the
     mappings in force and is retried with backoff capped at the interval;
     poke() (SIGHUP) polls at once.  A backend may also name mapping keys
-    (listen ports, or "IP:PORT": see _mapping_key) whose items are invalid
+    (listen ports, or "IP:PORT": see mapping_key) whose items are invalid
     or in conflict (``backend.held``, with ``backend.problems`` saying
     why): whatever is in force there stays, the rest applies (a None in
     held: nothing is removed).  Every
@@ -4341,7 +4356,7 @@ class BackendPoller:
 
     def _hold(self, mappings, held):
         """*mappings*, with what is in force kept on the *held* mapping keys
-        (listen ports, or "IP:PORT", see _mapping_key)."""
+        (listen ports, or "IP:PORT", see mapping_key)."""
         if not held:
             return mappings
         current = {m.key: m for m in self.proxy.mappings}
@@ -4950,6 +4965,7 @@ def check_config(args):
             backend.settle = 0.0         # read the file as it is now
         mappings = backend.fetch()
         problems = getattr(backend, "problems", None) or {}
+        check_unique_ports([(m.spec, m) for m in mappings], args.listen_address)
     except ProxyError as exc:
         return _fail(exc)
     for mapping in sorted(mappings, key=lambda m: _key_order(m.key)):

@@ -3,7 +3,9 @@
 Table (default ``classic-proxy``):
 
     proxy_name           S  hash key    the --proxy name
-    proxy_configuration  S  range key   "LPORT:HOST:RPORT"
+    proxy_configuration  S  range key   "LPORT:HOST:RPORT", or "LISTEN_IP:LPORT:HOST:RPORT"
+                                        ("[::1]:8002:db:5432") for a listen address
+                                        of its own instead of --listen-address
     allow                   optional    list (L or SS) or comma string (S) of CIDRs
     max_connections      N  optional    per-mapping connection limit (0: none)
     upstream_tls         BOOL optional  TLS to the upstream (or S "true"/"false")
@@ -106,39 +108,50 @@ def _label(item):
     return "item %s=%r" % (RANGE_KEY, value)
 
 
-def _spec_port(item):
-    """The listen port an item's configuration names, if it can be told."""
+def _spec_key(item):
+    """The mapping key (see tcpproxy.Mapping.key: the listen port, or
+    "IP:PORT") an item's configuration names, if it can be told."""
     value = item.get(RANGE_KEY)
     text = value.get("S") if isinstance(value, dict) else None
-    head = text.split(":", 1)[0].strip() if isinstance(text, str) else ""
-    return int(head) if head.isascii() and head.isdigit() and 0 < int(head) < 65536 else None
+    return tcpproxy.spec_key(text) if isinstance(text, str) else None
 
 
 def _check_items(items):
     """(mappings, problems, held) from Query items.  An invalid item, or two
-    items on one listen port, puts that port in *held* (the poller keeps
-    what is in force there; None: the port cannot be told, nothing is
-    removed) and its reason in *problems* ({item label: reason})."""
-    by_port, problems, held = {}, {}, set()
+    items that cannot both listen (one listen address and port, or a
+    wildcard and another address on one port: tcpproxy.listen_conflict),
+    puts their keys in *held* (the poller keeps what is in force there;
+    None: the key cannot be told, nothing is removed) and the reason in
+    *problems* ({item label: reason})."""
+    by_key, problems, held = {}, {}, set()
     for item in items:
         label = _label(item)
         try:
             mapping = _item_mapping(item)
         except (ValueError, TypeError, AttributeError, tcpproxy.ProxyError) as exc:
             problems[label] = "invalid: %s; keeping what is in force on its port" % exc
-            held.add(_spec_port(item))
+            held.add(_spec_key(item))
             continue
-        by_port.setdefault(mapping.listen_port, []).append((label, mapping))
-    mappings = []
-    for port, entries in sorted(by_port.items()):
+        by_key.setdefault(mapping.key, []).append((label, mapping))
+    for key, entries in by_key.items():
         if len(entries) > 1:
             for label, _ in entries:
-                problems[label] = ("listen port %d has %d items (%s): keeping what is in "
+                problems[label] = ("listen %s %s has %d items (%s): keeping what is in "
                                    "force; delete all but one, or use put --replace"
-                                   % (port, len(entries), ", ".join(l for l, _ in entries)))
-            held.add(port)
-        elif port not in held:
-            mappings.append(entries[0][1])
+                                   % ("port" if isinstance(key, int) else "address", key,
+                                      len(entries), ", ".join(l for l, _ in entries)))
+            held.add(key)
+    single = [entries[0] for key, entries in by_key.items() if len(entries) == 1]
+    for i, (label, mapping) in enumerate(single):
+        for other_label, other in single[i + 1:]:
+            reason = tcpproxy.listen_conflict(mapping, other)
+            if reason:
+                for one, two in ((label, other_label), (other_label, label)):
+                    problems[one] = ("%s (with %s): keeping what is in force on both"
+                                     % (reason, two))
+                held.update((mapping.key, other.key))
+    mappings = sorted((entries[0][1] for key, entries in by_key.items() if key not in held),
+                      key=lambda m: (m.listen_port, m.listen_host or ""))
     return mappings, problems, held
 
 
@@ -250,7 +263,7 @@ def _parser():
     p = sub.add_parser("create-table", help="create the table (on-demand capacity) "
                        "and wait until it is ACTIVE")
     common(p, proxy=False)
-    p = sub.add_parser("put", help="add mappings LPORT:HOST:RPORT")
+    p = sub.add_parser("put", help="add mappings [LISTEN_IP:]LPORT:HOST:RPORT")
     common(p)
     p.add_argument("--allow", action="append", metavar="CIDR",
                    help="per-mapping client allow list (repeatable)")
@@ -262,10 +275,11 @@ def _parser():
                    help="clients start with a PROXY protocol header (a load balancer)")
     p.add_argument("--replace", action="store_true",
                    help="in the same transaction delete the proxy's other items "
-                        "on the same listen port (a blue-green switch)")
+                        "on the same listen address and port (a blue-green switch)")
     p.add_argument("specs", nargs="+", metavar="SPEC")
-    p = sub.add_parser("delete", help="remove mappings, given as LPORT:HOST:RPORT "
-                       "or a bare LPORT for every item on that port")
+    p = sub.add_parser("delete", help="remove mappings, given as [LISTEN_IP:]LPORT:HOST:RPORT, "
+                       "a bare LPORT for every item on that port or LISTEN_IP:LPORT for "
+                       "the item on that address")
     common(p)
     p.add_argument("specs", nargs="+", metavar="SPEC")
     p = sub.add_parser("list", help="print the proxy's items, one a line")
@@ -327,10 +341,12 @@ def _put(client, args):
     except (ValueError, tcpproxy.ProxyError) as exc:
         log.error("%s", exc)
         return 2
-    ports = [m.listen_port for m in mappings]
-    if len(set(ports)) != len(ports):
-        log.error("two specs listen on the same port: %s", " ".join(args.specs))
+    try:
+        tcpproxy.check_unique_ports([(repr(s), m) for s, m in zip(args.specs, mappings)])
+    except tcpproxy.ConfigError as exc:
+        log.error("%s", exc)
         return 2
+    keys = [m.key for m in mappings]
     if allow:
         options["allow"] = {"L": [{"S": str(a)} for a in allow]}
     if maximum:
@@ -347,11 +363,10 @@ def _put(client, args):
     others = []
     for item in _all_items(client, args.table, args.proxy):
         configuration = item[RANGE_KEY]["S"]
-        port = _spec_port(item)
-        if port in ports and configuration not in wanted:
+        if _spec_key(item) in keys and configuration not in wanted:
             others.append(configuration)
     if others and not args.replace:
-        log.error("tcpproxy dynamodb put: listen port already has another item (%s): "
+        log.error("tcpproxy dynamodb put: listen port (address) already has another item (%s): "
                   "the proxy would keep what is in force there; add --replace to switch "
                   "it in one transaction", ", ".join(others))
         return 1
@@ -374,11 +389,17 @@ def _put(client, args):
 
 
 def _delete(client, args):
-    ports, wanted = set(), []
+    ports, keys, wanted = set(), set(), []
     for spec in args.specs:
         if spec.strip().isdigit():
             ports.add(int(spec))
             continue
+        try:                             # LISTEN_IP:LPORT: the item on that address
+            host, port = tcpproxy.parse_listen(spec)
+            keys.add(tcpproxy.mapping_key(host, port))
+            continue
+        except tcpproxy.ProxyError:
+            pass
         try:
             wanted.append(Mapping.parse(spec))
         except tcpproxy.ProxyError:
@@ -391,9 +412,9 @@ def _delete(client, args):
         except tcpproxy.ProxyError:
             mapping = None
         if configuration in wanted or (mapping is not None and (
-                mapping.listen_port in ports or any(
-                    isinstance(w, Mapping) and (w.listen_port, w.host, w.port)
-                    == (mapping.listen_port, mapping.host, mapping.port)
+                mapping.listen_port in ports or mapping.key in keys or any(
+                    isinstance(w, Mapping) and (w.key, w.host, w.port)
+                    == (mapping.key, mapping.host, mapping.port)
                     for w in wanted))):
             found.append(configuration)
     for configuration in found:

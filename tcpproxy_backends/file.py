@@ -3,8 +3,9 @@
 ``--backend file --config mappings.yaml``::
 
     mappings:
-      - listen: 8002
-        target: db.example.com:5432     # or: host: db.example.com / port: 5432
+      - listen: 8002                    # or IP:PORT ("[IPV6]:PORT", quoted): its own
+        target: db.example.com:5432     # listen address instead of --listen-address
+                                        # or: host: db.example.com / port: 5432
         allow: [10.0.0.0/8]             # optional: clients allowed on this port
         max_connections: 100            # optional: per-mapping limit (0: none)
         upstream_tls: true              # optional TLS (see tcpproxy.TLS_FIELDS): also
@@ -13,6 +14,7 @@
         send_proxy: v2                  # optional: PROXY protocol header upstream (v1, v2)
         accept_proxy: true              # optional: clients start with a PROXY header
       - "8003:cache.example.com:6379"   # short form
+      - "127.0.0.1:8003:other.example.com:6379"   # the same port on another address
 
 The file is checked every second (``interval = 1.0``): a poll whose file has
 the same device, inode, size and mtime as the last one costs one ``stat()``
@@ -22,7 +24,8 @@ its stat says, for the edit that keeps size and mtime.
 A file is applied whole or not at all.  Any error (unreadable, not a regular
 file, larger than ``max_bytes``, not UTF-8, not YAML, several documents, a
 duplicate key anywhere, an unknown key, a bad value in any entry, two entries
-on one listen port, aliases that expand past ``MAX_NODES`` nodes) rejects the
+on one listen address and port (or a wildcard listen address and another on
+one port: see tcpproxy.listen_conflict), aliases that expand past ``MAX_NODES`` nodes) rejects the
 whole file: fetch() raises ConfigRejected naming the file, the line and the
 reason, and the proxy keeps the configuration in force, closing nothing.  An
 empty file is such an error: write ``mappings: []`` to remove every mapping.
@@ -44,7 +47,8 @@ import time
 
 from tcpproxy import (TLS_FIELDS, BackendError, ConfigError, ConfigPending, ConfigRejected,
                       Mapping, ProxyError, check_flag, check_limit, check_port,
-                      check_proxy_version, check_unique_ports, parse_allow, short_repr)
+                      check_proxy_version, check_unique_ports, parse_allow, parse_listen,
+                      short_repr)
 
 __all__ = ["Backend", "parse_config", "MAX_BYTES", "MAX_NODES", "SETTLE"]
 
@@ -145,15 +149,17 @@ def _item_mapping(item):
         raise ValueError("unknown key %s (known: %s)"
                          % (", ".join(short_repr(k) for k in unknown), ", ".join(ITEM_KEYS)))
     if "listen" not in item:
-        raise ValueError("no listen port (listen: PORT)")
-    listen = check_port(item["listen"], "listen")
+        raise ValueError("no listen port (listen: PORT, or listen: IP:PORT)")
+    host, port = parse_listen(item["listen"])
+    listen = "%d" % port if host is None else ("[%s]:%d" if ":" in host else "%s:%d") % (
+        host, port)
     if "target" in item:
         if "host" in item or "port" in item:
             raise ValueError("give either target: HOST:PORT or host: and port:, not both")
         target = item["target"]
         if not isinstance(target, str) or not target.strip():
             raise ValueError("target must be a HOST:PORT string, not %s" % short_repr(target))
-        spec = "%d:%s" % (listen, target.strip())
+        spec = "%s:%s" % (listen, target.strip())
     elif "host" in item and "port" in item:
         host = item["host"]
         if not isinstance(host, str) or not host.strip():
@@ -161,7 +167,7 @@ def _item_mapping(item):
         host = host.strip()
         if ":" in host and not host.startswith("["):
             host = "[%s]" % host
-        spec = "%d:%s:%d" % (listen, host, check_port(item["port"], "port"))
+        spec = "%s:%s:%d" % (listen, host, check_port(item["port"], "port"))
     else:
         raise ValueError("no target (target: HOST:PORT, or host: and port:)")
     options = {"max_connections": check_limit(item.get("max_connections"))}
