@@ -22,7 +22,9 @@ from helpers import (
 #   {str: schema}: an object with any string keys, every value matching.
 NONE = type(None)
 SESSION = {                                # Session.to_dict(), one per connection
-    "id": int, "mapping": int, "target": str, "client": str, "upstream": (str, NONE),
+    # "mapping": the listen port, or "IP:PORT" for a mapping with its own
+    # listen address; "listen": where its listener is bound
+    "id": int, "mapping": (int, str), "listen": str, "target": str, "client": str, "upstream": (str, NONE),
     "state": str, "started": str, "seconds": float, "bytes_up": int, "bytes_down": int,
     "tls": (dict, NONE),                   # {"client": TLS_SIDE or None, "upstream": ...}
 }
@@ -32,7 +34,7 @@ TLS_SETTINGS = {                           # a mapping's TLS settings (TLS_FIELD
     "tls_key": (str, NONE),
 }
 MAPPING = {                                # Proxy.status()["mappings"][i]
-    "spec": str, "listen": str, "target": str, "listening": bool,
+    "mapping": (int, str), "spec": str, "listen": str, "target": str, "listening": bool,
     "addresses": [str], "expires_in": (float, NONE), "stale": bool, "dns_error": (str, NONE),
     "allow": [str], "max_connections": int, "tls": TLS_SETTINGS,
     "active": int, "total": int, "bytes_up": int, "bytes_down": int, "refused": int,
