@@ -518,7 +518,8 @@ def parse_listen(value, what="listen"):
         raise ConfigError("%s %s is not PORT, IP:PORT or [IPV6]:PORT%s" % (
             what, short_repr(value), " (an IPv6 address goes in brackets and, in YAML, "
             "quotes: \"[::1]:8002\")" if text.count(":") > 1 else ""))
-    return check_listen_host(m.group(1), "%s address" % what), check_port(m.group(2), what)
+    return (check_listen_host(m.group(1), "%s address" % what),
+            check_port(m.group(2), "%s %s: port" % (what, short_repr(value))))
 
 
 def mapping_key(listen_host, port):

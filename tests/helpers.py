@@ -225,10 +225,10 @@ def spec(listen_port, host, port):
 
 # -- probes for tagged upstreams (EchoServer(tag=...)) -------------------------
 
-def talk(port, timeout=5.0):
-    """Connect to 127.0.0.1:``port``; return (socket, the greeting line: the
-    tag of the EchoServer the connection reached, as str)."""
-    sock = connect((LOOP4, port), timeout)
+def talk(port, timeout=5.0, host=LOOP4):
+    """Connect to ``host``:``port`` (127.0.0.1); return (socket, the greeting
+    line: the tag of the EchoServer the connection reached, as str)."""
+    sock = connect((host, port), timeout)
     try:
         tag = b""
         while not tag.endswith(b"\n"):
@@ -242,21 +242,23 @@ def talk(port, timeout=5.0):
     return sock, tag.decode().strip()
 
 
-def greeting(port, timeout=5.0):
-    """The tag of the server that a new connection to 127.0.0.1:``port``
-    reaches, or None when it is refused or closed without a greeting."""
+def greeting(port, timeout=5.0, host=LOOP4):
+    """The tag of the server that a new connection to ``host``:``port``
+    (127.0.0.1) reaches, or None when it is refused or closed without a
+    greeting."""
     try:
-        sock, tag = talk(port, timeout)
+        sock, tag = talk(port, timeout, host)
     except OSError:
         return None
     sock.close()
     return tag
 
 
-def refused(port):
-    """True when nothing listens on 127.0.0.1:``port`` (connection refused)."""
+def refused(port, host=LOOP4):
+    """True when nothing listens on ``host``:``port`` (127.0.0.1): the
+    connection is refused."""
     try:
-        socket.create_connection((LOOP4, port), timeout=2).close()
+        socket.create_connection((host, port), timeout=2).close()
     except ConnectionRefusedError:
         return True
     except OSError:
