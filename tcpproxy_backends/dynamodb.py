@@ -116,13 +116,14 @@ def _spec_key(item):
     return tcpproxy.spec_key(text) if isinstance(text, str) else None
 
 
-def _check_items(items):
+def _check_items(items, default_host=None):
     """(mappings, problems, held) from Query items.  An invalid item, or two
     items that cannot both listen (one listen address and port, or a
     wildcard and another address on one port: tcpproxy.listen_conflict),
     puts their keys in *held* (the poller keeps what is in force there;
     None: the key cannot be told, nothing is removed) and the reason in
-    *problems* ({item label: reason})."""
+    *problems* ({item label: reason}).  *default_host*: the proxy's
+    --listen-address, when known."""
     by_key, problems, held = {}, {}, set()
     for item in items:
         label = _label(item)
@@ -144,7 +145,7 @@ def _check_items(items):
     single = [entries[0] for key, entries in by_key.items() if len(entries) == 1]
     for i, (label, mapping) in enumerate(single):
         for other_label, other in single[i + 1:]:
-            reason = tcpproxy.listen_conflict(mapping, other)
+            reason = tcpproxy.listen_conflict(mapping, other, default_host)
             if reason:
                 for one, two in ((label, other_label), (other_label, label)):
                     problems[one] = ("%s (with %s): keeping what is in force on both"
@@ -159,7 +160,9 @@ class Backend:
     """Mappings from the DynamoDB items whose hash key is the --proxy name.
 
     Methods for the caller: fetch(), describe().  Options read: proxy
-    (required), dynamodb (table, default classic-proxy), region.
+    (required), dynamodb (table, default classic-proxy), region,
+    listen_address (the proxy's default listen address: items that would
+    conflict with it are held too).
     """
 
     name = "dynamodb"
@@ -170,6 +173,7 @@ class Backend:
         self.proxy = getattr(options, "proxy", None)
         self.table = getattr(options, "dynamodb", None) or DEFAULT_TABLE
         self.region = getattr(options, "region", None)
+        self.listen_address = getattr(options, "listen_address", None)
         if not self.proxy:
             raise ConfigError("no proxy name: --backend dynamodb needs --proxy NAME")
         self._boto3, self._botocore = import_boto3("dynamodb")
@@ -228,7 +232,7 @@ class Backend:
                 self._botocore.exceptions.ClientError) as exc:
             raise BackendError("DynamoDB query of table %s for proxy %r failed: %s"
                                % (self.table, self.proxy, aws_reason(exc))) from exc
-        mappings, self.problems, self.held = _check_items(items)
+        mappings, self.problems, self.held = _check_items(items, self.listen_address)
         self.items, self.pages = len(items), pages
         log.debug("DynamoDB table %s proxy %r: %d items in %d pages, %d mappings",
                   self.table, self.proxy, len(items), pages, len(mappings))

@@ -181,8 +181,10 @@ def _item_mapping(item):
     return Mapping.parse(spec, **options)
 
 
-def parse_config(text, name="<config>"):
-    """Return ``(mappings, [])`` for the YAML document *text*.
+def parse_config(text, name="<config>", default_host=None):
+    """Return ``(mappings, [])`` for the YAML document *text*
+    (*default_host*: the proxy's --listen-address, when known, for
+    tcpproxy.check_unique_ports).
 
     Raises ConfigRejected naming *name*, the line and the reason when any
     part of the document is unusable: a file is applied whole or not at
@@ -239,7 +241,7 @@ def parse_config(text, name="<config>"):
         except (ValueError, TypeError, ProxyError) as exc:
             errors.append("%s: %s" % (label, exc))
     try:
-        mappings = check_unique_ports(entries)
+        mappings = check_unique_ports(entries, default_host)
     except ConfigError as exc:
         errors.append(str(exc))
     if errors:
@@ -254,7 +256,9 @@ class Backend:
     """Mappings from a YAML file (--config), re-read when it changes.
 
     Methods for the caller: fetch(), describe(), reload().  Attributes:
-    settle (seconds; 0 reads a changed file at once), max_bytes.
+    settle (seconds; 0 reads a changed file at once), max_bytes,
+    listen_address (options.listen_address: the proxy's default, to judge
+    a mapping on it against one with its own address on the same port).
     """
 
     name = "file"
@@ -267,6 +271,7 @@ class Backend:
         _yaml()
         self.path = os.path.abspath(os.fspath(path))
         self.max_bytes = getattr(options, "config_max_bytes", None) or MAX_BYTES
+        self.listen_address = getattr(options, "listen_address", None)
         self.settle = SETTLE
         self._signature = None         # of the file last read
         self._pending = None           # a changed stat seen once, not read yet
@@ -330,7 +335,7 @@ class Backend:
             self._error = "%s is not UTF-8 text (byte %d)" % (self.path, exc.start)
             raise ConfigRejected(self._error) from None
         try:
-            mappings, _ = parse_config(text, self.path)
+            mappings, _ = parse_config(text, self.path, self.listen_address)
         except ConfigRejected as exc:
             self._error = str(exc)
             raise

@@ -497,3 +497,91 @@ def test_throttling_and_access_denied_are_backend_errors(code, message):
         stubber.add_response("query", {"Count": 0, "ScannedCount": 0})
         with pytest.raises(tcpproxy.BackendError, match="malformed answer"):
             backend.fetch()
+
+
+# Per-mapping listen addresses ################################################
+
+def test_items_with_a_listen_address(table, proxy_name):
+    put(table, proxy_name, "127.0.0.2:9002:a.example.com:1")
+    put(table, proxy_name, "127.0.0.3:9002:b.example.com:1")
+    put(table, proxy_name, "[::1]:9002:[::1]:1")
+    put(table, proxy_name, "9002:d.example.com:1")          # --listen-address: judged by apply()
+    put(table, proxy_name, "0.0.0.0:9003:x.example.com:1")     # conflict: wildcard + 127.0.0.2
+    put(table, proxy_name, "127.0.0.2:9003:y.example.com:1")
+    put(table, proxy_name, "127.0.0.2:9004:x.example.com:1")   # one address, two items
+    put(table, proxy_name, "127.0.0.2:9004:y.example.com:1")
+    put(table, proxy_name, "127.0.0.2:9005:x.example.com:99999")   # invalid: its key is held
+    backend = dynamodb.Backend(options(proxy_name, table))
+    got = backend.fetch()
+    assert [m.spec for m in got] == ["9002:d.example.com:1", "127.0.0.2:9002:a.example.com:1",
+                                     "127.0.0.3:9002:b.example.com:1", "[::1]:9002:[::1]:1"]
+    assert backend.held == {"0.0.0.0:9003", "127.0.0.2:9003", "127.0.0.2:9004",
+                            "127.0.0.2:9005"}
+    problems = backend.problems
+    assert len(problems) == 5
+    assert problems["item proxy_configuration='0.0.0.0:9003:x.example.com:1'"].startswith(
+        "listen addresses 0.0.0.0:9003 and 127.0.0.2:9003 conflict (0.0.0.0 takes the port "
+        "on every IPv4 address) (with item proxy_configuration='127.0.0.2:9003:y.example.com:1')")
+    assert "listen address 127.0.0.2:9004 has 2 items" in \
+        problems["item proxy_configuration='127.0.0.2:9004:y.example.com:1'"]
+    assert "99999" in problems["item proxy_configuration='127.0.0.2:9005:x.example.com:99999'"]
+    # told the proxy's --listen-address (the CLI's): 0.0.0.0:9002 conflicts with the
+    # IPv4 addresses on 9002, not with ::1
+    backend = dynamodb.Backend(options(proxy_name, table, listen_address="0.0.0.0"))
+    assert [m.spec for m in backend.fetch()] == ["[::1]:9002:[::1]:1"]
+    assert {9002, "127.0.0.2:9002", "127.0.0.3:9002"} <= backend.held
+    assert "listen addresses 0.0.0.0:9002 and 127.0.0.2:9002 conflict" in \
+        backend.problems["item proxy_configuration='9002:d.example.com:1'"]
+
+
+def test_cli_put_replace_and_delete_by_listen_address(table, proxy_name, capsys, caplog):
+    def items():
+        capsys.readouterr()
+        assert run_cli("list", "--proxy", proxy_name, "--table", table) == 0
+        return sorted(capsys.readouterr().out.splitlines())
+
+    assert run_cli("put", "--proxy", proxy_name, "--table", table,
+                   "127.0.0.2:8002:blue:5432", "127.0.0.3:8002:blue:5432") == 0
+    # another target on 127.0.0.2:8002 needs --replace; 127.0.0.4:8002 does not
+    with caplog.at_level(logging.ERROR):
+        assert run_cli("put", "--proxy", proxy_name, "--table", table,
+                       "127.0.0.2:8002:green:5432") == 1
+    assert "127.0.0.2:8002:blue:5432" in caplog.text and "--replace" in caplog.text
+    assert run_cli("put", "--proxy", proxy_name, "--table", table,
+                   "127.0.0.4:8002:green:5432") == 0
+    assert run_cli("put", "--proxy", proxy_name, "--table", table, "--replace",
+                   "127.0.0.2:8002:green:5432") == 0
+    assert items() == ["127.0.0.2:8002:green:5432", "127.0.0.3:8002:blue:5432",
+                       "127.0.0.4:8002:green:5432"]
+    # LISTEN_IP:LPORT deletes the item on that address; a bare LPORT all on the port
+    assert run_cli("delete", "--proxy", proxy_name, "--table", table, "127.0.0.3:8002") == 0
+    assert items() == ["127.0.0.2:8002:green:5432", "127.0.0.4:8002:green:5432"]
+    assert run_cli("delete", "--proxy", proxy_name, "--table", table, "8002") == 0
+    assert items() == []
+    # two specs that cannot both listen are refused before anything is written
+    assert run_cli("put", "--proxy", proxy_name, "--table", table,
+                   "0.0.0.0:8002:a:1", "127.0.0.2:8002:b:1") == 2
+    assert items() == []
+
+
+def test_one_port_on_two_addresses_from_items(running, table, proxy_name):
+    port = free_port()
+    with EchoServer(tag="A") as a, EchoServer(tag="B") as b:
+        spec_a = "127.0.0.2:%d:%s:%d" % (port, LOOP4, a.port)
+        put(table, proxy_name, spec_a)
+        put(table, proxy_name, "127.0.0.3:%d:%s:%d" % (port, LOOP4, b.port))
+        wait_until(lambda: greeting(port, host="127.0.0.2") == "A"
+                   and greeting(port, host="127.0.0.3") == "B", timeout=10)
+        assert refused(port)                             # not on --listen-address
+        kept, _ = talk(port, host="127.0.0.3")
+        try:
+            # the mapping moves from 127.0.0.2 to 127.0.0.4, same port
+            delete(table, proxy_name, spec_a)
+            put(table, proxy_name, "127.0.0.4:%d:%s:%d" % (port, LOOP4, a.port))
+            wait_until(lambda: greeting(port, host="127.0.0.4") == "A", timeout=10)
+            wait_until(lambda: refused(port, "127.0.0.2"), timeout=10)
+            assert echoes(kept)
+            assert sorted(m["mapping"] for m in running.proxy.status()["mappings"]) == [
+                "127.0.0.3:%d" % port, "127.0.0.4:%d" % port]
+        finally:
+            kept.close()

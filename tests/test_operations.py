@@ -554,8 +554,12 @@ def test_sighup_is_logged_at_info(start_proxy, echo):
     (["--cpus", "99"], "argument --cpus: 99: this process may only use CPUs"),
     (["--elasticache-port", "x"], "argument --elasticache-port: port 'x' is not a port"),
     (["--backend", "file"], "no config file: --backend file needs --config FILE"),
-    (["--connections", "127.0.0.1:41002:127.0.0.1:9000"],
-     "use --listen-address 127.0.0.1 and 41002:127.0.0.1:9000"),
+    # a listen address per mapping is fine (test_listen.py); ambiguous ones are named
+    (["--connections", "::1:41002:127.0.0.1:9000"],
+     "argument --connections: invalid connection '::1:41002:127.0.0.1:9000': an IPv6 "
+     "address must be in brackets, e.g. [::1]:8002:[::1]:5432"),
+    (["--connections", "localhost:41002:127.0.0.1:9000"],
+     "listen address 'localhost' is not an IP address (write 127.0.0.1 or [::1])"),
     (["--connections", "8002:db:٥٤٣٢"], "target port '٥٤٣٢' is not a port number"),
 ])
 def test_bad_flag_values_exit_2_with_one_line(args, expected):
