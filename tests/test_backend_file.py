@@ -457,3 +457,35 @@ def test_a_file_being_written_waits_until_it_settles(tmp_path):
     with pytest.raises(tcpproxy.ConfigPending):
         backend.fetch()                          # changed again since: still waiting
     assert backend.fetch() == [Mapping(8002, "a.example.com", 1)]   # unchanged twice: read
+
+
+def test_yaml_listen_address_serves_one_port_on_two_addresses(running):
+    port = free_port()
+    with EchoServer(tag="A") as a, EchoServer(tag="B") as b:
+        write(running.path, "mappings:\n  - listen: 127.0.0.2:%d\n    target: %s\n"
+              "  - listen: '127.0.0.3:%d'\n    host: %s\n    port: %d\n"
+              % (port, a.hostport, port, LOOP4, b.port))
+        wait_until(lambda: greeting(port, host="127.0.0.2") == "A"
+                   and greeting(port, host="127.0.0.3") == "B", timeout=10)
+        assert greeting(port) is None                    # not on --listen-address
+        # the short form, and the first mapping moved to 127.0.0.4 on the same port
+        write(running.path, "mappings:\n  - '127.0.0.4:%d:%s'\n  - listen: 127.0.0.3:%d\n"
+              "    target: %s\n" % (port, a.hostport, port, b.hostport))
+        wait_until(lambda: greeting(port, host="127.0.0.4") == "A", timeout=10)
+        assert greeting(port, host="127.0.0.2") is None
+        assert [m.spec for m in running.proxy.mappings] == [
+            "127.0.0.3:%d:%s" % (port, b.hostport), "127.0.0.4:%d:%s" % (port, a.hostport)]
+
+
+def test_yaml_listen_address_against_the_default(tmp_path):
+    path = tmp_path / "m.yaml"
+    write(path, "mappings:\n  - listen: 8002\n    target: a:1\n"
+          "  - listen: 127.0.0.2:8002\n    target: b:1\n")
+    backend = file_backend.Backend(SimpleNamespace(config=str(path), listen_address="0.0.0.0"))
+    backend.settle = 0.0
+    with pytest.raises(tcpproxy.ConfigRejected, match=r"listen addresses 0\.0\.0\.0:8002 and "
+                       r"127\.0\.0\.2:8002 conflict .*line 4 \(entry 2\)"):
+        backend.fetch()
+    backend = file_backend.Backend(SimpleNamespace(config=str(path), listen_address=LOOP4))
+    backend.settle = 0.0
+    assert [m.key for m in backend.fetch()] == [8002, "127.0.0.2:8002"]
