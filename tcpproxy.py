@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """tcpproxy: a threaded TCP proxy that obeys DNS TTLs.
 
-Each port mapping ``LPORT:HOST:RPORT`` is served by its own
+Each port mapping ``LPORT:HOST:RPORT`` (``LISTEN_IP:LPORT:HOST:RPORT`` with
+a listen address of its own) is served by its own
 ``socketserver.ThreadingTCPServer``; every accepted client gets a pair of
 pump threads that copy bytes both ways.  Target names are resolved with
 dnspython and an answer is used only until its TTL expires, so the proxy
@@ -29,8 +30,12 @@ Map of this file, in the order a connection's data flows through it:
                            (escaped, cut text for the log and /status)
     Validation             one function per kind of value: check_port,
                            parse_hostport, parse_allow, check_limit,
-                           check_unique_ports (CLI, backends and Mapping alike)
-    Mapping                Mapping (one LPORT:HOST:RPORT) and parse_connections
+                           check_listen_host, parse_listen, mapping_key (a
+                           mapping's name: its port, or IP:PORT),
+                           listen_conflict, check_unique_ports (CLI,
+                           backends and Mapping alike)
+    Mapping                Mapping (one [LISTEN_IP:]LPORT:HOST:RPORT), spec_key
+                           and parse_connections
     Resolver               TTL-obeying DNS cache that serves stale answers,
                            clamps TTLs and shares lookups under way
     Upstream health        UpstreamHealth: addresses that refused or timed
