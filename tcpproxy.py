@@ -1113,8 +1113,13 @@ class UpstreamHealth:
                 return True
             return False
 
-    def failed(self, address, port, reason):
-        """Hold (*address*, *port*) down, longer with each failure in a row."""
+    def failed(self, address, port, reason, at_least=0.0):
+        """Hold (*address*, *port*) down, longer with each failure in a row,
+        starting from *at_least* seconds if more than *hold_min* (always up
+        to *hold_max*): connect_upstream()
+        holds an address that timed out for as long as trying every address
+        of the answer at the connect timeout takes, so that clients coming
+        one at a time have tried all the others before it is tried again."""
         now = self.clock()
         with self.lock:
             state = self.down.get((address, port))
@@ -1124,7 +1129,8 @@ class UpstreamHealth:
                                  if v[0] > now - self.hold_max}
                 state = self.down[(address, port)] = [now, 0]
             state[1] += 1
-            hold = min(self.hold_min * 2 ** min(state[1] - 1, 30), self.hold_max)
+            hold = min(max(self.hold_min, at_least) * 2 ** min(state[1] - 1, 30),
+                       self.hold_max)
             state[0] = now + hold
             failures = state[1]
         _ratelimited.log(logging.WARNING, ("down", address, port),
@@ -2061,7 +2067,8 @@ def connect_upstream(proxy, listener, session):
             log.info("%d: connect to %s failed: %s", listen_port,
                      _format_hostport(address, port), reason)
             if timed_out or exc.errno in NET_ERRS:   # the upstream's fault, not ours
-                health.failed(address, port, reason)
+                health.failed(address, port, reason,
+                              limit * len(addresses) if timed_out else 0.0)
                 if attempts == 1:        # DNS may know better than its TTL says
                     proxy.resolver.refresh(host)
             continue
