@@ -740,8 +740,9 @@ class _Entry:
     """Cached answer for one name; guarded by its condition."""
 
     __slots__ = ("cond", "only", "addresses", "expires", "prefetch_at", "retry_at",
-                 "backoff", "busy", "error", "stale", "updated", "source", "ttl", "serial",
-                 "refreshed", "lookups_ok", "lookups_failed", "changes", "prefetches")
+                 "backoff", "busy", "prefetching", "error", "stale", "updated", "source",
+                 "ttl", "serial", "refreshed", "lookups_ok", "lookups_failed", "changes",
+                 "prefetches")
 
     def __init__(self, only=None):
         self.cond = threading.Condition(threading.Lock())
@@ -755,6 +756,7 @@ class _Entry:
         self.retry_at = 0.0
         self.backoff = 0.0
         self.busy = False
+        self.prefetching = False        # the lookup under way is a prefetch
         self.error = None
         self.stale = False
         self.updated = None
@@ -816,7 +818,9 @@ class Resolver:
     chain), clamped to *min_ttl*..*max_ttl*; TTL 0 means a lookup per call.
     A name in use is prefetched: a lookup() in the last part of its TTL
     (prefetch_window) starts a lookup in the background and returns the
-    cached answer, so that while DNS answers no caller waits for it.
+    cached answer, so that while DNS answers no caller waits for it (an
+    answer that expires while its prefetch is still under way is served
+    until that lookup ends, within the DNS timeout).
     Concurrent callers share one lookup: a caller that finds a lookup under
     way waits for it and takes its answer, even with TTL 0.  When a lookup
     fails the last good answer is served (stale) and lookups are retried
@@ -944,9 +948,11 @@ class Resolver:
                                 and now >= entry.retry_at:
                             self._prefetch(host, entry)
                         return list(entry.addresses)
-                    if entry.stale:
-                        # DNS is failing: serve the last good answer at once
-                        # and retry in the background when the backoff allows.
+                    if entry.stale or entry.prefetching:
+                        # DNS is failing, or slower than the prefetch window:
+                        # serve the last good answer at once (the prefetch
+                        # ends within the DNS timeout) and retry in the
+                        # background when the backoff allows.
                         if not entry.busy and now >= entry.retry_at:
                             entry.busy = True
                             self._refresh_in_background(host, entry)
@@ -966,7 +972,7 @@ class Resolver:
         """The cached answer is in its last part (the caller holds
         entry.cond): look *host* up again in the background.  Until the
         answer expires a failure only means a retry after the backoff."""
-        entry.busy = True
+        entry.busy = entry.prefetching = True
         entry.prefetches += 1
         log.debug("prefetching %s: its answer expires in %.2fs", host,
                   entry.expires - self.clock())
@@ -1007,7 +1013,7 @@ class Resolver:
         except RuntimeError:              # no thread: retry on a later call
             with self.lock:
                 self._threads.discard(thread)
-            entry.busy = False
+            entry.busy = entry.prefetching = False
 
     def close(self, timeout=5.0):
         """Join background retries (they end within the DNS timeout)."""
@@ -1026,7 +1032,7 @@ class Resolver:
         except Exception as exc:  # noqa: BLE001 - every failure serves stale
             reason = self._describe(exc)
             with entry.cond:
-                entry.busy = False
+                entry.busy = entry.prefetching = False
                 entry.lookups_failed += 1
                 entry.backoff = min(max(entry.backoff * 2, DNS_BACKOFF_MIN), DNS_BACKOFF_MAX)
                 entry.retry_at = self.clock() + entry.backoff
@@ -1048,7 +1054,7 @@ class Resolver:
             raise ResolveError("cannot resolve %s: %s" % (host, reason)) from None
         ttl = min(max(ttl, self.min_ttl), self.max_ttl)
         with entry.cond:
-            entry.busy = False
+            entry.busy = entry.prefetching = False
             entry.lookups_ok += 1
             if old and set(old) != set(addresses):
                 entry.changes += 1
