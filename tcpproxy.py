@@ -1641,8 +1641,10 @@ class DnsChangeWatcher:
     def _hold(self, host):
         if self.hold is not None:
             return self.hold
-        ttls = [self.proxy.resolver.info(host, family)["ttl"] or 0
-                for name, family in self._names() if name == host]
+        resolver = self.proxy.resolver
+        families = {family for name, family in self._names() if name == host}
+        ttls = [resolver.info(host, family)["ttl"] or 0
+                for family in families | {resolver.family}]
         return max(ttls + [DNS_CHANGE_HOLD_MIN])
 
     def _names(self):
