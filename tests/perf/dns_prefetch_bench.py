@@ -13,7 +13,9 @@ first (the first lookup waits for DNS whatever the proxy does).
 
 Two runs in one invocation: (a) the target is the name, (b) the target is
 127.0.0.1.  Prints count, p50, p99 and max of the connect + echo time, how
-many took over 100 ms, and p99(name) / p99(literal).  Without prefetch a
+many took over 100 ms, and p99(name) / p99(literal) (and the same for
+p99.9: with thousands of connections a second, the few that wait for DNS
+can stay under the 1% that p99 ignores).  Without prefetch a
 connection waits for the lookup (A then AAAA: twice the delay) each time
 the answer expires; with it, the p99 ratio should stay within 1.5.
 
@@ -27,6 +29,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -74,6 +77,17 @@ def once(port):
     return time.perf_counter() - t0
 
 
+def warm_up(port, tries=10):
+    """One connection that works: the first lookup is behind us."""
+    for attempt in range(tries):
+        try:
+            return once(port)
+        except OSError as exc:
+            error = exc
+            sys.stderr.write("warm-up connection %d failed: %s\n" % (attempt + 1, exc))
+    raise SystemExit("warm-up failed (%s); --show-log prints the proxy's log" % error)
+
+
 def load(port, clients, seconds):
     """(latencies, errors) of *clients* threads connecting for *seconds*."""
     stop = threading.Event()
@@ -107,25 +121,31 @@ def run(args, dns_server, echo, target):
     argv = [args.python, args.proxy_cmd, "--connections", "%d:%s:%d" % (port, target, echo.port),
             "--listen-address", "127.0.0.1", "--status", "off",
             "--resolver", dns_server.nameserver] + args.proxy_arg
-    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    log = tempfile.TemporaryFile("w+")
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=log, text=True)
     try:
         wait_listening(port, proc)
-        once(port)                     # warm-up: the first lookup
+        warm_up(port)
         queries = dns_server.queries(NAME)
         latencies, errors = load(port, args.clients, args.seconds)
         queries = dns_server.queries(NAME) - queries
     finally:
         proc.terminate()
         try:
-            _, stderr = proc.communicate(timeout=15)
+            proc.wait(timeout=15)
         except subprocess.TimeoutExpired:
             proc.kill()
-            _, stderr = proc.communicate()
+            proc.wait()
+        log.seek(0)
+        stderr = log.read()
+        log.close()
+    if args.show_log:
+        sys.stderr.write(stderr)
     if not latencies:
         raise SystemExit("no connection worked:\n%s" % stderr[-2000:])
     return {"target": target, "count": len(latencies), "errors": errors, "queries": queries,
             "p50": statistics.median(latencies), "p99": percentile(latencies, 0.99),
-            "max": max(latencies), "slow": sum(1 for t in latencies if t > 0.1)}
+            "p999": percentile(latencies, 0.999), "max": max(latencies), "slow": sum(1 for t in latencies if t > 0.1)}
 
 
 def main(argv=None):
@@ -139,6 +159,7 @@ def main(argv=None):
     parser.add_argument("--ttl", type=int, default=2)
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--seconds", type=float, default=20.0)
+    parser.add_argument("--show-log", action="store_true", help="print the proxy's log")
     args = parser.parse_args(argv)
     with DNSServer() as dns_server, EchoServer() as echo:
         dns_server.set(NAME, ["127.0.0.1"], ttl=args.ttl)
@@ -148,14 +169,16 @@ def main(argv=None):
           % (os.path.relpath(args.proxy_cmd), args.delay, args.ttl, args.clients,
              args.seconds, " ".join("%.2f" % x for x in os.getloadavg())))
     print()
-    print("| target | connections | errors | DNS queries | p50 ms | p99 ms | max ms | > 100 ms |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    print("| target | connections | errors | DNS queries | p50 ms | p99 ms | p99.9 ms | max ms "
+          "| > 100 ms |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for row in rows:
-        print("| %s | %d | %d | %d | %.2f | %.2f | %.1f | %d |" % (
+        print("| %s | %d | %d | %d | %.2f | %.2f | %.1f | %.1f | %d |" % (
             row["target"], row["count"], row["errors"], row["queries"], row["p50"] * 1e3,
-            row["p99"] * 1e3, row["max"] * 1e3, row["slow"]))
+            row["p99"] * 1e3, row["p999"] * 1e3, row["max"] * 1e3, row["slow"]))
     print()
-    print("p99 ratio name / literal: %.2f" % (rows[0]["p99"] / rows[1]["p99"]))
+    print("p99 ratio name / literal: %.2f (p99.9: %.2f)" % (
+        rows[0]["p99"] / rows[1]["p99"], rows[0]["p999"] / rows[1]["p999"]))
     return 0
 
 
