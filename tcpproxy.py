@@ -32,7 +32,8 @@ Map of this file, in the order a connection's data flows through it:
                            check_unique_ports (CLI, backends and Mapping alike)
     Mapping                Mapping (one LPORT:HOST:RPORT) and parse_connections
     Resolver               TTL-obeying DNS cache that serves stale answers,
-                           clamps TTLs and shares lookups under way
+                           clamps TTLs, shares lookups under way, prefetches
+                           names in use and orders by --dns-family
     Upstream health        UpstreamHealth: addresses that refused or timed
                            out are tried last for a growing hold (passive)
     Registry and Session   the one owner of live sessions and their counters;
