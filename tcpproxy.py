@@ -37,7 +37,8 @@ Map of this file, in the order a connection's data flows through it:
     Mapping                Mapping (one [LISTEN_IP:]LPORT:HOST:RPORT), spec_key
                            and parse_connections
     Resolver               TTL-obeying DNS cache that serves stale answers,
-                           clamps TTLs and shares lookups under way
+                           clamps TTLs, shares lookups under way, prefetches
+                           names in use and orders by --dns-family
     Upstream health        UpstreamHealth: addresses that refused or timed
                            out are tried last for a growing hold (passive)
     Registry and Session   the one owner of live sessions and their counters;
@@ -72,6 +73,7 @@ __all__ = [
     "check_listen_host", "parse_listen", "listen_conflict", "spec_key", "mapping_key",
     "check_tls", "TLS_FIELDS", "TlsContexts",
     "check_proxy_version", "check_flag", "proxy_header", "parse_proxy_header",
+    "check_dns_family", "DNS_FAMILIES",
     "Mapping", "parse_connections", "Resolver", "Registry", "Session",
     "ProxyServer", "StatusServer", "Proxy", "BackendPoller", "load_backend",
     "parse_cpus", "pin_cpus", "JsonFormatter", "main",
@@ -133,6 +135,9 @@ LISTEN_POLL_INTERVAL = 60.0        # listeners: a safety net, stop wakes them at
 REAP_INTERVAL = 0.2                # the housekeeping thread retires idle workers
 DEFAULT_CONNECT_ATTEMPTS = 3       # upstream addresses tried per client
 DEFAULT_DNS_MAX_TTL = 3600         # --dns-max-ttl
+DNS_FAMILIES = ("auto", "ipv4", "ipv6", "prefer-ipv4", "prefer-ipv6")   # --dns-family
+PREFETCH_SHARE = 0.1               # a name in use is looked up again in the last
+PREFETCH_MIN = 1.0                 # max(10% of its TTL, min(1 s, TTL/2))
 DNS_CHANGE_HOLD_MIN = 5.0          # --dns-change-hold default: max(TTL, this)
 REFRESH_INTERVAL = 1.0             # a connect failure re-resolves a name at most this often
 HOLD_MIN = 2.0                     # an address that failed is skipped this long,
@@ -489,7 +494,29 @@ def check_flag(value, what="flag"):
     raise ConfigError("%s %s is not true or false" % (what, short_repr(value)))
 
 
-_WILDCARDS = ("0.0.0.0", "::")
+def _family_of(address):
+    return "ipv6" if ":" in address else "ipv4"
+
+
+def check_dns_family(value, what="dns_family", host=None):
+    """Return the address family to resolve with: one of DNS_FAMILIES, or
+    None (not set: the proxy's --dns-family applies) for None or "".  With
+    an IP address as *host*, "ipv4" or "ipv6" must be its family.  Raises
+    ConfigError naming *what*."""
+    if value is None:
+        return None
+    family = value.strip().lower() if isinstance(value, str) else None
+    if family == "":
+        return None
+    if family not in DNS_FAMILIES:
+        raise ConfigError("%s %s is not one of %s" % (what, short_repr(value),
+                                                      ", ".join(DNS_FAMILIES)))
+    if host and family in ("ipv4", "ipv6") and _is_ip(host) and _family_of(host) != family:
+        raise ConfigError("target %s is not an %s address (%s %s)" % (
+            host, "IPv6" if family == "ipv6" else "IPv4", what, family))
+    return family
+
+
 LISTEN_FORMS = ("LPORT:HOST:RPORT or LISTEN_IP:LPORT:HOST:RPORT, IPv6 addresses in brackets: "
                 "8002:[::1]:5432, [::1]:8002:db:5432")
 
@@ -696,7 +723,9 @@ class Mapping:
     *max_connections* (0 = unlimited) caps concurrent clients; the
     TLS_FIELDS turn on TLS to the upstream or for clients.
     *send_proxy* ("v1", "v2" or "": off) sends a PROXY protocol header
-    upstream; *accept_proxy* requires one from every client.  Mappings
+    upstream; *accept_proxy* requires one from every client.
+    *dns_family* (one of DNS_FAMILIES; None: the proxy's --dns-family)
+    chooses the address records the target is resolved to.  Mappings
     are values: two equal mappings mean the same thing, and a
     configuration change is a difference of sets keyed by *key* (the
     listen port, or "IP:PORT" with a listen address of its own).
@@ -717,6 +746,7 @@ class Mapping:
     tls_key: str = None
     send_proxy: str = ""
     accept_proxy: bool = False
+    dns_family: str = None
     listen_host: str = None
 
     def __post_init__(self):
@@ -755,6 +785,10 @@ class Mapping:
             raise ConfigError("invalid connection %s: bad host %r: a number, not a name "
                               "(write the IP address in full%s)" % (short_repr(spec), host, hint))
         object.__setattr__(self, "host", host)
+        try:
+            object.__setattr__(self, "dns_family", check_dns_family(self.dns_family, host=host))
+        except ConfigError as exc:
+            raise ConfigError("invalid connection %s: %s" % (short_repr(spec), exc)) from None
 
     @classmethod
     def parse(cls, spec, **options):
@@ -863,25 +897,66 @@ def parse_connections(values, default_host=None, **options):
 class _Entry:
     """Cached answer for one name; guarded by its condition."""
 
-    __slots__ = ("cond", "addresses", "expires", "retry_at", "backoff", "busy",
-                 "error", "stale", "updated", "source", "ttl", "serial", "refreshed",
-                 "lookups_ok", "lookups_failed", "changes")
+    __slots__ = ("cond", "only", "addresses", "expires", "prefetch_at", "retry_at",
+                 "backoff", "busy", "prefetching", "error", "stale", "updated", "source",
+                 "ttl", "serial", "refreshed", "lookups_ok", "lookups_failed", "changes",
+                 "prefetches")
 
-    def __init__(self):
+    def __init__(self, only=None):
         self.cond = threading.Condition(threading.Lock())
+        self.only = only                # "ipv4" or "ipv6": that record type alone
         self.addresses = ()
         self.ttl = None
         self.serial = 0                 # lookups finished, to share the one under way
         self.refreshed = None           # last refresh() (a connect failure asked)
         self.expires = 0.0
+        self.prefetch_at = float("inf")  # a lookup() from then on looks up again
         self.retry_at = 0.0
         self.backoff = 0.0
         self.busy = False
+        self.prefetching = False        # the lookup under way is a prefetch
         self.error = None
         self.stale = False
         self.updated = None
         self.source = None
-        self.lookups_ok = self.lookups_failed = self.changes = 0
+        self.lookups_ok = self.lookups_failed = self.changes = self.prefetches = 0
+
+
+def prefetch_window(ttl):
+    """The last part of a TTL in which a name in use is looked up again in
+    the background: max(10%, min(1 s, half)); 0 for TTL 0 (no prefetch)."""
+    if ttl <= 0:
+        return 0.0
+    return max(PREFETCH_SHARE * ttl, min(PREFETCH_MIN, ttl / 2.0))
+
+
+def _ordered(addresses, family):
+    """*addresses* (a sequence) as a list, the preferred family first for
+    prefer-ipv4 / prefer-ipv6 (stable: DNS order within a family)."""
+    if family == "prefer-ipv6":
+        return [a for a in addresses if ":" in a] + [a for a in addresses if ":" not in a]
+    if family == "prefer-ipv4":
+        return [a for a in addresses if ":" not in a] + [a for a in addresses if ":" in a]
+    return list(addresses)
+
+
+def _rotated(addresses, turn, family):
+    """*addresses* (ordered by _ordered) from a rotating start: with
+    prefer-ipv4 / prefer-ipv6 each family rotates on its own, the
+    preferred one still first."""
+    if family in ("prefer-ipv4", "prefer-ipv6") and len(addresses) > 1:
+        split = sum(1 for a in addresses if _family_of(a) == family[7:])
+        if 0 < split < len(addresses):
+            return (_rotated(addresses[:split], turn, None)
+                    + _rotated(addresses[split:], turn, None))
+    start = turn % len(addresses)
+    return addresses[start:] + addresses[:start]
+
+
+_RECORD = {"ipv4": "A", "ipv6": "AAAA"}
+# getaddrinfo() errors that mean "the name has no address of that family"
+_NO_ADDRESS_OF_FAMILY = {getattr(socket, name) for name in ("EAI_NODATA", "EAI_ADDRFAMILY")
+                         if hasattr(socket, name)}
 
 
 class Resolver:
@@ -889,27 +964,43 @@ class Resolver:
 
     Methods for the caller:
 
-    - lookup(host) -> list of address strings
-    - refresh(host): look again now, in the background (a connect failed)
-    - info(host) -> dict describing the cached answer
+    - lookup(host, family=None) -> list of address strings
+    - refresh(host, family=None): look again now, in the background (a
+      connect failed)
+    - info(host, family=None) -> dict describing the cached answer
+    - expires_in(host, family=None) -> seconds, or None
     - add_listener(callback): callback(host, old, new) on every changed answer
+    - close(timeout): join the background lookups
 
     An answer is used until its TTL expires (the smallest TTL along a CNAME
     chain), clamped to *min_ttl*..*max_ttl*; TTL 0 means a lookup per call.
+    A name in use is prefetched: a lookup() in the last part of its TTL
+    (prefetch_window) starts a lookup in the background and returns the
+    cached answer, so that while DNS answers no caller waits for it (an
+    answer that expires while its prefetch is still under way is served
+    until that lookup ends, within the DNS timeout).
     Concurrent callers share one lookup: a caller that finds a lookup under
     way waits for it and takes its answer, even with TTL 0.  When a lookup
     fails the last good answer is served (stale) and lookups are retried
     with backoff, so callers do not each wait for a DNS timeout.  Names in
     the hosts file are answered from it; without dnspython the system
     resolver is used and answers are kept for FALLBACK_TTL seconds.
+
+    *family* (one of DNS_FAMILIES; a call's own *family* overrides it):
+    "auto" asks for A then AAAA records (without dnspython: the system's
+    order); "prefer-ipv4" / "prefer-ipv6" ask for both and return the
+    preferred family first (they share the cached answer of "auto");
+    "ipv4" / "ipv6" ask for A or AAAA records only (a cache entry of their
+    own), and an answer without them is a failure.
     """
 
     def __init__(self, nameservers=None, *, timeout=DEFAULT_DNS_TIMEOUT,
                  hosts_file="/etc/hosts", clock=time.monotonic, min_ttl=0,
-                 max_ttl=DEFAULT_DNS_MAX_TTL):
+                 max_ttl=DEFAULT_DNS_MAX_TTL, family="auto"):
         if not 0 <= min_ttl <= max_ttl:
             raise ConfigError("--dns-min-ttl %s and --dns-max-ttl %s: need 0 <= min <= max"
                               % (short_repr(min_ttl), short_repr(max_ttl)))
+        self.family = check_dns_family(family, "--dns-family") or "auto"
         self.min_ttl = min_ttl
         self.max_ttl = max_ttl
         self.timeout = timeout
@@ -962,18 +1053,41 @@ class Resolver:
         with self.lock:
             self._listeners.append(callback)
 
-    def _entry(self, host):
+    def _entry(self, host, family=None):
+        """The cache entry of *host* for *family*: "ipv4" and "ipv6" have
+        their own; the others share the one keyed by *host* alone."""
+        only = family if family in _RECORD else None
+        key = host if only is None else (host, only)
         with self.lock:
-            entry = self._entries.get(host)
+            entry = self._entries.get(key)
             if entry is None:
-                entry = self._entries[host] = _Entry()
+                entry = self._entries[key] = _Entry(only)
             return entry
 
-    def lookup(self, host):
-        """Return the addresses of *host*, a list of IP strings."""
+    def _literal(self, host, family):
+        """[host] for an IP address *host*; ResolveError when *family*
+        ("ipv4" or "ipv6") is not its family."""
+        if family in _RECORD and _family_of(host) != family:
+            raise ResolveError("cannot resolve %s: not an %s address (--dns-family %s)"
+                               % (host, "IPv6" if family == "ipv6" else "IPv4", family))
+        return [host]
+
+    def lookup(self, host, family=None):
+        """Return the addresses of *host*, a list of IP strings, in the
+        order of *family* (None: the resolver's)."""
+        family = family or self.family
         if _is_ip(host):
-            return [host]
-        entry = self._entry(host)
+            return self._literal(host, family)
+        entry = self._entry(host, family)
+        addresses = self._cached(host, entry)
+        if family == "prefer-ipv6" or family == "prefer-ipv4":
+            return _ordered(addresses, family)
+        return addresses
+
+    def _cached(self, host, entry):
+        """*entry*'s addresses: fresh from the cache (prefetching in its
+        last part), shared with a lookup under way, stale while DNS fails,
+        or looked up now."""
         with entry.cond:
             shared = None                # the serial of the lookup we wait for
             while True:
@@ -988,10 +1102,15 @@ class Resolver:
                                        % (host, entry.error or "timed out"))
                 if entry.addresses:
                     if now < entry.expires:
+                        if now >= entry.prefetch_at and not entry.busy \
+                                and now >= entry.retry_at:
+                            self._prefetch(host, entry)
                         return list(entry.addresses)
-                    if entry.stale:
-                        # DNS is failing: serve the last good answer at once
-                        # and retry in the background when the backoff allows.
+                    if entry.stale or entry.prefetching:
+                        # DNS is failing, or slower than the prefetch window:
+                        # serve the last good answer at once (the prefetch
+                        # ends within the DNS timeout) and retry in the
+                        # background when the backoff allows.
                         if not entry.busy and now >= entry.retry_at:
                             entry.busy = True
                             self._refresh_in_background(host, entry)
@@ -1007,14 +1126,24 @@ class Resolver:
                 break
         return self._refresh(host, entry)
 
-    def refresh(self, host):
+    def _prefetch(self, host, entry):
+        """The cached answer is in its last part (the caller holds
+        entry.cond): look *host* up again in the background.  Until the
+        answer expires a failure only means a retry after the backoff."""
+        entry.busy = entry.prefetching = True
+        entry.prefetches += 1
+        log.debug("prefetching %s: its answer expires in %.2fs", host,
+                  entry.expires - self.clock())
+        self._refresh_in_background(host, entry)
+
+    def refresh(self, host, family=None):
         """Look *host* up again now, in the background: a connect to one of
         its addresses failed, and DNS may have moved on before the TTL ran
         out (a failover).  Callers meanwhile get the cached answer.  At most
         one lookup at a time and one refresh per REFRESH_INTERVAL per name."""
         if _is_ip(host):
             return
-        entry = self._entry(host)
+        entry = self._entry(host, family or self.family)
         with entry.cond:
             now = self.clock()
             if entry.busy or (entry.refreshed is not None
@@ -1042,7 +1171,7 @@ class Resolver:
         except RuntimeError:              # no thread: retry on a later call
             with self.lock:
                 self._threads.discard(thread)
-            entry.busy = False
+            entry.busy = entry.prefetching = False
 
     def close(self, timeout=5.0):
         """Join background retries (they end within the DNS timeout)."""
@@ -1057,11 +1186,11 @@ class Resolver:
         old = entry.addresses
         started = self.clock()
         try:
-            addresses, ttl, source = self._query(host)
+            addresses, ttl, source = self._query(host, entry.only)
         except Exception as exc:  # noqa: BLE001 - every failure serves stale
             reason = self._describe(exc)
             with entry.cond:
-                entry.busy = False
+                entry.busy = entry.prefetching = False
                 entry.lookups_failed += 1
                 entry.backoff = min(max(entry.backoff * 2, DNS_BACKOFF_MIN), DNS_BACKOFF_MAX)
                 entry.retry_at = self.clock() + entry.backoff
@@ -1083,7 +1212,7 @@ class Resolver:
             raise ResolveError("cannot resolve %s: %s" % (host, reason)) from None
         ttl = min(max(ttl, self.min_ttl), self.max_ttl)
         with entry.cond:
-            entry.busy = False
+            entry.busy = entry.prefetching = False
             entry.lookups_ok += 1
             if old and set(old) != set(addresses):
                 entry.changes += 1
@@ -1091,6 +1220,8 @@ class Resolver:
             entry.ttl = ttl
             entry.serial += 1
             entry.expires = started + ttl
+            entry.prefetch_at = entry.expires - prefetch_window(ttl) if ttl > 0 \
+                else float("inf")
             entry.retry_at = 0.0
             entry.backoff = 0.0
             recovered = entry.stale
@@ -1118,30 +1249,33 @@ class Resolver:
             log.debug("DNS answer for %s: %s (ttl %gs)", host, ", ".join(addresses), ttl)
         return list(addresses)
 
-    def expires_in(self, host):
+    def expires_in(self, host, family=None):
         """Seconds until the cached answer of *host* expires (None if none)."""
         if _is_ip(host):
             return None
-        entry = self._entry(host)
+        entry = self._entry(host, family or self.family)
         with entry.cond:
             if not entry.addresses:
                 return None
             return entry.expires - self.clock()
 
-    def info(self, host):
-        """A snapshot of what is cached for *host*."""
+    def info(self, host, family=None):
+        """A snapshot of what is cached for *host* (for *family*; None:
+        the resolver's)."""
+        family = family or self.family
         if _is_ip(host):
             return {"addresses": [host], "expires_in": None, "stale": False,
                     "error": None, "source": "literal", "ttl": None, "lookups_ok": 0,
-                    "lookups_failed": 0, "changes": 0}
-        entry = self._entry(host)
+                    "lookups_failed": 0, "changes": 0, "prefetches": 0, "family": family}
+        entry = self._entry(host, family)
         with entry.cond:
             expires_in = entry.expires - self.clock() if entry.addresses else None
-            return {"addresses": list(entry.addresses),
+            return {"addresses": _ordered(entry.addresses, family),
                     "expires_in": None if expires_in is None else round(max(expires_in, 0.0), 3),
                     "stale": entry.stale, "error": entry.error, "source": entry.source,
                     "ttl": entry.ttl, "lookups_ok": entry.lookups_ok,
-                    "lookups_failed": entry.lookups_failed, "changes": entry.changes}
+                    "lookups_failed": entry.lookups_failed, "changes": entry.changes,
+                    "prefetches": entry.prefetches, "family": family}
 
     @staticmethod
     def _describe(exc):
@@ -1174,21 +1308,18 @@ class Resolver:
             self._hosts, self._hosts_stamp = table, stamp
         return self._hosts.get(host.lower().rstrip("."))
 
-    def _query(self, host):
-        """Return (addresses, ttl, source); raise on failure."""
+    def _query(self, host, only=None):
+        """Return (addresses, ttl, source); raise on failure.  *only*
+        ("ipv4" or "ipv6"): addresses of that family alone."""
         addresses = self._hosts_lookup(host)
+        if addresses and only is not None:
+            addresses = [a for a in addresses if _family_of(a) == only]
         if addresses:
             return addresses, HOSTS_TTL, "hosts"
         if self._resolver is None:
-            infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
-            found = []
-            for info in infos:
-                address = info[4][0]
-                if address not in found:
-                    found.append(address)
-            return found, FALLBACK_TTL, "system"
+            return self._system_query(host, only), FALLBACK_TTL, "system"
         found, expiration = [], None
-        for rdtype in ("A", "AAAA"):
+        for rdtype in (_RECORD[only],) if only is not None else ("A", "AAAA"):
             try:
                 answer = self._resolver.resolve(host, rdtype, raise_on_no_answer=False)
             except dns.resolver.NXDOMAIN:
@@ -1204,9 +1335,30 @@ class Resolver:
                 found.extend(rr.address for rr in answer.rrset)
                 expiration = answer.expiration if expiration is None else min(expiration, answer.expiration)
         if not found:
+            if only is not None:
+                raise ResolveError("no %s records (--dns-family %s)" % (_RECORD[only], only))
             raise ResolveError("no A or AAAA records")
         ttl = max(0, int(round(expiration - time.time())))
         return found, ttl, "dns"
+
+    @staticmethod
+    def _system_query(host, only):
+        """getaddrinfo()'s addresses of *host* (of the family *only*), in
+        its order, without repeats."""
+        family = {"ipv4": socket.AF_INET, "ipv6": socket.AF_INET6}.get(only, socket.AF_UNSPEC)
+        try:
+            infos = socket.getaddrinfo(host, None, family, socket.SOCK_STREAM)
+        except socket.gaierror as exc:
+            if only is not None and exc.errno in _NO_ADDRESS_OF_FAMILY:
+                raise ResolveError("no %s records (--dns-family %s)"
+                                   % (_RECORD[only], only)) from None
+            raise
+        found = []
+        for info in infos:
+            address = info[4][0]
+            if address not in found:
+                found.append(address)
+        return found
 
 
 # Upstream health #############################################################
@@ -1271,8 +1423,13 @@ class UpstreamHealth:
                 return True
             return False
 
-    def failed(self, address, port, reason):
-        """Hold (*address*, *port*) down, longer with each failure in a row."""
+    def failed(self, address, port, reason, at_least=0.0):
+        """Hold (*address*, *port*) down, longer with each failure in a row,
+        starting from *at_least* seconds if more than *hold_min* (always up
+        to *hold_max*): connect_upstream()
+        holds an address that timed out for as long as trying every address
+        of the answer at the connect timeout takes, so that clients coming
+        one at a time have tried all the others before it is tried again."""
         now = self.clock()
         with self.lock:
             state = self.down.get((address, port))
@@ -1282,7 +1439,8 @@ class UpstreamHealth:
                                  if v[0] > now - self.hold_max}
                 state = self.down[(address, port)] = [now, 0]
             state[1] += 1
-            hold = min(self.hold_min * 2 ** min(state[1] - 1, 30), self.hold_max)
+            hold = min(max(self.hold_min, at_least) * 2 ** min(state[1] - 1, 30),
+                       self.hold_max)
             state[0] = now + hold
             failures = state[1]
         _ratelimited.log(logging.WARNING, ("down", address, port),
@@ -1656,7 +1814,17 @@ class DnsChangeWatcher:
     def _hold(self, host):
         if self.hold is not None:
             return self.hold
-        return max(self.proxy.resolver.info(host)["ttl"] or 0, DNS_CHANGE_HOLD_MIN)
+        resolver = self.proxy.resolver
+        families = {family for name, family in self._names() if name == host}
+        ttls = [resolver.info(host, family)["ttl"] or 0
+                for family in families | {resolver.family}]
+        return max(ttls + [DNS_CHANGE_HOLD_MIN])
+
+    def _names(self):
+        """{(host, family)} of the live mappings' target names."""
+        default = self.proxy.resolver.family
+        return {(s.mapping.host, s.mapping.dns_family or default)
+                for s in self.proxy.servers.values() if not _is_ip(s.mapping.host)}
 
     def close_due(self, now):
         """Close the sessions on addresses gone for their hold; return the
@@ -1693,16 +1861,14 @@ class DnsChangeWatcher:
         while not self._stop.is_set():
             self._wake.clear()
             wait = 5.0
-            hosts = {s.mapping.host for s in self.proxy.servers.values()
-                     if not _is_ip(s.mapping.host)}
-            for host in hosts:
-                remaining = resolver.expires_in(host)
+            for host, family in self._names():
+                remaining = resolver.expires_in(host, family)
                 if remaining is None or remaining <= 0:
                     try:
-                        resolver.lookup(host)
+                        resolver.lookup(host, family)
                     except ResolveError:
                         pass
-                    remaining = resolver.expires_in(host)
+                    remaining = resolver.expires_in(host, family)
                 if remaining is not None:
                     wait = min(wait, max(remaining, 0.5))
             due = self.close_due(time.monotonic())
@@ -2155,11 +2321,13 @@ def connect_upstream(proxy, listener, session):
     ``proxy.connect_attempts`` of them and for ``proxy.connect_deadline``
     seconds in all, skipping addresses that cannot be an upstream (see
     _unusable_address) or are this proxy's own listeners (a loop).  Return
-    the socket or None (reason logged, the session aborted)."""
+    the socket or None (reason logged, the session aborted).  The mapping's
+    dns_family (or --dns-family) chooses the addresses and their order."""
     host, port = session.target
     listen_port = session.listen_port
+    family = listener.mapping.dns_family or proxy.resolver.family
     try:
-        addresses = proxy.resolver.lookup(host)
+        addresses = proxy.resolver.lookup(host, family)
     except ResolveError as exc:
         _ratelimited.log(logging.WARNING, ("resolve", listen_port),
                          "%s: closing client %s: %s", listen_port,
@@ -2167,8 +2335,7 @@ def connect_upstream(proxy, listener, session):
         proxy.registry.count_failed(listen_port, "resolve")
         session.abort("cannot resolve %s" % host)
         return None
-    start = next(listener.rotation) % len(addresses)
-    addresses = addresses[start:] + addresses[:start]
+    addresses = _rotated(addresses, next(listener.rotation), family)
     health = proxy.health
     fallback = len(addresses)            # from here on: held down, tried anyway
     if health.down:                      # some upstream failed lately
@@ -2233,9 +2400,10 @@ def connect_upstream(proxy, listener, session):
             log.info("%s: connect to %s failed: %s", listen_port,
                      _format_hostport(address, port), reason)
             if timed_out or exc.errno in NET_ERRS:   # the upstream's fault, not ours
-                health.failed(address, port, reason)
+                health.failed(address, port, reason,
+                              limit * len(addresses) if timed_out else 0.0)
                 if attempts == 1:        # DNS may know better than its TTL says
-                    proxy.resolver.refresh(host)
+                    proxy.resolver.refresh(host, family)
             continue
         _tune(sock)
         if health.down:
@@ -3719,7 +3887,7 @@ def metrics_text(proxy):
     for port, server in _by_key(servers.items()):
         host = server.mapping.host
         if not _is_ip(host):
-            dns.append((port, host, proxy.resolver.info(host)))
+            dns.append((port, host, proxy.resolver.info(host, server.mapping.dns_family)))
     out.family("tcpproxy_dns_answer_expires_seconds", "gauge",
                "Seconds until the cached DNS answer expires.",
                [((("mapping", port), ("host", host)), info["expires_in"])
@@ -3736,6 +3904,11 @@ def metrics_text(proxy):
                [((("mapping", port), ("host", host), ("result", result)),
                  info["lookups_" + result]) for port, host, info in dns
                 for result in ("ok", "failed")])
+    out.family("tcpproxy_dns_prefetches_total", "counter",
+               "Lookups started in the background because a name in use neared the "
+               "end of its TTL (also counted in tcpproxy_dns_lookups_total).",
+               [((("mapping", port), ("host", host)), info["prefetches"])
+                for port, host, info in dns])
     tls_failures = proxy.tls.failures()               # TLS
     out.family("tcpproxy_tls_handshake_failures_total", "counter",
                "TLS handshakes failed, by side (client, upstream) and reason.",
@@ -3751,7 +3924,8 @@ def metrics_text(proxy):
                [((("mapping", port), ("address", entry["address"])), int(entry["up"]))
                 for port, server in _by_key(servers.items())
                 for entry in proxy.health.snapshot(
-                    proxy.resolver.info(server.mapping.host)["addresses"],
+                    proxy.resolver.info(server.mapping.host,
+                                        server.mapping.dns_family)["addresses"],
                     server.mapping.port)])
     out.family("tcpproxy_mapping_failing", "gauge",
                "Connection attempts failed since the last success.",
@@ -3847,7 +4021,7 @@ def status_report(proxy):
         reasons.append(state)
     for port, server in _by_key(proxy.servers.items()):
         mapping = server.mapping
-        dns_info = proxy.resolver.info(mapping.host)
+        dns_info = proxy.resolver.info(mapping.host, mapping.dns_family)
         listening = server.socket.fileno() != -1
         if not listening and state == "running":
             reasons.append("listener %s is down" % port)
@@ -3866,7 +4040,8 @@ def status_report(proxy):
             "target": _format_hostport(mapping.host, mapping.port),
             "listening": listening, "addresses": dns_info["addresses"],
             "expires_in": dns_info["expires_in"], "stale": dns_info["stale"],
-            "dns_error": dns_info["error"], "failing": server.failing,
+            "dns_error": dns_info["error"], "dns_family": dns_info["family"],
+            "failing": server.failing,
             "upstreams": proxy.health.snapshot(dns_info["addresses"], mapping.port),
             "allow": [str(n) for n in mapping.allow],
             "max_connections": mapping.max_connections,
@@ -4444,6 +4619,7 @@ examples:
   tcpproxy --connections 8002:db.example.com:5432
   tcpproxy --connections 8002:db.example.com:5432,6380:cache.example.com:6379 --debug 1
   tcpproxy --connections 8002:[2001:db8::10]:5432 --listen-address ::
+  tcpproxy --connections 8002:db.example.com:5432 --dns-family prefer-ipv6
   tcpproxy --backend dynamodb --proxy realtime --region us-east-1
   tcpproxy --backend elasticache --elasticache-cluster-id docker-registry --elasticache-port 5000
   tcpproxy --backend file --config mappings.yaml
@@ -4512,6 +4688,10 @@ def _listen_address(text):
 
 def _resolver_address(text):
     return parse_hostport(text, default_port=53, what="resolver")
+
+
+def _dns_family(text):
+    return check_dns_family(text, "--dns-family") or "auto"
 
 
 def _backend_name(text):
@@ -4597,6 +4777,11 @@ def build_parser(environ=None):
     add("--dns-max-ttl", type=_arg_type(_seconds_or_zero), default=DEFAULT_DNS_MAX_TTL,
         metavar="SECONDS", help="keep a DNS answer at most this long (default %d)"
         % DEFAULT_DNS_MAX_TTL)
+    add("--dns-family", type=_arg_type(_dns_family), default=None, metavar="FAMILY",
+        help="address records to use: auto (A then AAAA, as DNS gives them), ipv4 or "
+             "ipv6 (A or AAAA only), prefer-ipv4 or prefer-ipv6 (both, that family "
+             "tried first); a YAML or DynamoDB mapping may set its own dns_family "
+             "(default auto)")
     add("--dns-change-hold", type=_arg_type(_seconds_or_zero), default=None,
         metavar="SECONDS", help="--close-on-dns-change closes a connection once its "
         "address has been out of the answer this long (default: the TTL, at least %g)"
@@ -4701,9 +4886,10 @@ def parse_args(argv=None, environ=None):
 
 def _mapping_options(args):
     """The Mapping options that the command line gives every --connections
-    mapping (PROXY protocol)."""
+    mapping (PROXY protocol, --dns-family)."""
     return {"send_proxy": getattr(args, "send_proxy", ""),
-            "accept_proxy": getattr(args, "accept_proxy", False)}
+            "accept_proxy": getattr(args, "accept_proxy", False),
+            "dns_family": getattr(args, "dns_family", None)}
 
 
 def _raise_nofile_limit():
@@ -4898,7 +5084,8 @@ def _serve(args, signals):
     proxy = poller = None
     try:
         resolver = Resolver(args.resolver or None, timeout=args.dns_timeout,
-                            min_ttl=args.dns_min_ttl, max_ttl=args.dns_max_ttl)
+                            min_ttl=args.dns_min_ttl, max_ttl=args.dns_max_ttl,
+                            family=args.dns_family or "auto")
         backend = load_backend(args.backend, args)
         proxy = Proxy(backend.fetch() if args.backend == "static" else (),
                       listen_host=args.listen_address, resolver=resolver,
@@ -4984,6 +5171,8 @@ def check_config(args):
             extra.append("send_proxy=" + mapping.send_proxy)
         if mapping.accept_proxy:
             extra.append("accept_proxy=true")
+        if mapping.dns_family:
+            extra.append("dns_family=" + mapping.dns_family)
         sys.stdout.write(" ".join([mapping.spec] + extra) + "\n")
     for label, reason in sorted(problems.items()):
         sys.stderr.write("tcpproxy: error: %s: %s\n" % (label, reason))

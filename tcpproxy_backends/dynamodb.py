@@ -13,6 +13,8 @@ Table (default ``classic-proxy``):
                          S  optional    the other TLS settings (tcpproxy.TLS_FIELDS)
     send_proxy           S  optional    PROXY protocol header to the upstream: v1 or v2
     accept_proxy    BOOL/S  optional    clients start with a PROXY header (true/false)
+    dns_family           S  optional    auto, ipv4, ipv6, prefer-ipv4 or prefer-ipv6
+                                        (default: the proxy's --dns-family)
 
 Every poll Queries the items of ``proxy_name = --proxy`` (never a Scan) and
 follows LastEvaluatedKey to the end, so any number of items apply.  Region and
@@ -30,8 +32,9 @@ import logging
 import sys
 
 import tcpproxy
-from tcpproxy import (TLS_FIELDS, BackendError, ConfigError, Mapping, check_flag, check_limit,
-                      check_proxy_version, parse_allow)
+from tcpproxy import (DNS_FAMILIES, TLS_FIELDS, BackendError, ConfigError, Mapping,
+                      check_dns_family, check_flag, check_limit, check_proxy_version,
+                      parse_allow)
 
 from .aws import CONNECT_TIMEOUT, READ_TIMEOUT, aws_reason, import_boto3, make_client
 
@@ -98,6 +101,11 @@ def _item_mapping(item):
             raise ValueError("accept_proxy must be a boolean (or the string true or false)")
         options["accept_proxy"] = bool(check_flag(value.get("BOOL", value.get("S")),
                                                       "accept_proxy"))
+    if "dns_family" in item:
+        value = item["dns_family"]
+        if not isinstance(value, dict) or set(value) - {"S", "NULL"} or len(value) != 1:
+            raise ValueError("dns_family must be a string (%s)" % ", ".join(DNS_FAMILIES))
+        options["dns_family"] = check_dns_family(_plain(value))
     return Mapping.parse(spec["S"], **options)
 
 
@@ -189,11 +197,12 @@ class Backend:
             "KeyConditionExpression": "#p = :p",
             "ExpressionAttributeNames": dict({"#p": HASH_KEY, "#c": RANGE_KEY,
                                               "#a": "allow", "#m": "max_connections",
-                                              "#s": "send_proxy", "#x": "accept_proxy"},
+                                              "#s": "send_proxy", "#x": "accept_proxy",
+                                              "#f": "dns_family"},
                                              **{"#t%d" % i: name for i, name in
                                                 enumerate(TLS_FIELDS)}),
             "ExpressionAttributeValues": {":p": {"S": self.proxy}},
-            "ProjectionExpression": "#c, #a, #m, #s, #x, " + ", ".join(
+            "ProjectionExpression": "#c, #a, #m, #s, #x, #f, " + ", ".join(
                 "#t%d" % i for i in range(len(TLS_FIELDS))),
             "ConsistentRead": True,
         }
@@ -277,6 +286,9 @@ def _parser():
                    help="send a PROXY protocol header to the upstream")
     p.add_argument("--accept-proxy", action="store_true",
                    help="clients start with a PROXY protocol header (a load balancer)")
+    p.add_argument("--dns-family", choices=DNS_FAMILIES,
+                   help="address records to use for the target (default: the proxy's "
+                        "--dns-family)")
     p.add_argument("--replace", action="store_true",
                    help="in the same transaction delete the proxy's other items "
                         "on the same listen address and port (a blue-green switch)")
@@ -341,7 +353,7 @@ def _put(client, args):
     try:
         allow = parse_allow(args.allow, "--allow")
         maximum = check_limit(args.max_connections, "--max-connections")
-        mappings = [Mapping.parse(spec) for spec in args.specs]
+        mappings = [Mapping.parse(spec, dns_family=args.dns_family) for spec in args.specs]
     except (ValueError, tcpproxy.ProxyError) as exc:
         log.error("%s", exc)
         return 2
@@ -359,6 +371,8 @@ def _put(client, args):
         options["send_proxy"] = {"S": args.send_proxy}
     if args.accept_proxy:
         options["accept_proxy"] = {"BOOL": True}
+    if args.dns_family:
+        options["dns_family"] = {"S": args.dns_family}
     actions = []
     for mapping in mappings:
         item = dict(_key(args.proxy, mapping.spec), **options)
@@ -439,12 +453,14 @@ def _list(client, args):
                 line.append("allow=" + ",".join(map(str, parse_allow(_plain(item["allow"])))))
             if "max_connections" in item:
                 line.append("max_connections=%s" % _plain(item["max_connections"]))
-            mapping = _item_mapping(item) if {"send_proxy", "accept_proxy"} & set(item) \
-                else None
+            mapping = _item_mapping(item) if {"send_proxy", "accept_proxy",
+                                              "dns_family"} & set(item) else None
             if mapping is not None and mapping.send_proxy:
                 line.append("send_proxy=" + mapping.send_proxy)
             if mapping is not None and mapping.accept_proxy:
                 line.append("accept_proxy=true")
+            if mapping is not None and mapping.dns_family:
+                line.append("dns_family=" + mapping.dns_family)
         except (ValueError, tcpproxy.ProxyError) as exc:
             line.append("(invalid: %s)" % exc)
         _write(" ".join(line))

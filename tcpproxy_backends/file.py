@@ -13,6 +13,8 @@
                                         # tls_cert, tls_key
         send_proxy: v2                  # optional: PROXY protocol header upstream (v1, v2)
         accept_proxy: true              # optional: clients start with a PROXY header
+        dns_family: prefer-ipv6         # optional: auto, ipv4, ipv6, prefer-ipv4,
+                                        # prefer-ipv6 (default: --dns-family)
       - "8003:cache.example.com:6379"   # short form
       - "127.0.0.1:8003:other.example.com:6379"   # the same port on another address
 
@@ -46,16 +48,16 @@ import stat
 import time
 
 from tcpproxy import (TLS_FIELDS, BackendError, ConfigError, ConfigPending, ConfigRejected,
-                      Mapping, ProxyError, check_flag, check_limit, check_port,
-                      check_proxy_version, check_unique_ports, parse_allow, parse_listen,
-                      short_repr)
+                      Mapping, ProxyError, check_dns_family, check_flag, check_limit,
+                      check_port, check_proxy_version, check_unique_ports, parse_allow,
+                      parse_listen, short_repr)
 
 __all__ = ["Backend", "parse_config", "MAX_BYTES", "MAX_NODES", "SETTLE"]
 
 log = logging.getLogger(__name__)
 
 ITEM_KEYS = ("listen", "target", "host", "port", "allow", "max_connections", "send_proxy",
-             "accept_proxy") + TLS_FIELDS
+             "accept_proxy", "dns_family") + TLS_FIELDS
 MAX_BYTES = 1024 * 1024      # --config-max-bytes raises it
 MAX_NODES = 100000           # YAML nodes after alias expansion
 SETTLE = 1.0                 # a changed file is read once its mtime is this old
@@ -178,6 +180,8 @@ def _item_mapping(item):
         options["send_proxy"] = check_proxy_version(item["send_proxy"])
     if "accept_proxy" in item:
         options["accept_proxy"] = bool(check_flag(item["accept_proxy"], "accept_proxy"))
+    if "dns_family" in item:
+        options["dns_family"] = check_dns_family(item["dns_family"])
     return Mapping.parse(spec, **options)
 
 

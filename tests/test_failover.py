@@ -134,6 +134,26 @@ def test_twenty_dead_addresses_and_one_good(start_proxy, dns_server):
         close_all(servers)
 
 
+def test_clients_one_at_a_time_converge_in_one_pass(start_proxy, dns_server):
+    """Clients coming strictly one at a time: an address that timed out is
+    held for as long as a pass through all 21 addresses at the connect
+    timeout takes (0.5 s x 21), so the 20 dead addresses cost about one
+    pass of failed clients (2 attempts each), not one every time a short
+    hold runs out."""
+    port, servers = upstreams(["hole"] * 20 + ["echo"])
+    try:
+        dns_server.set(NAME, addresses(21), ttl=300)
+        p = dns_proxy(start_proxy, dns_server, port, "--connect-timeout", "0.5")
+        results = [banner(p.addr, timeout=10) for _ in range(40)]
+        # Before: 28 of 40 failed, 6 of the last 10.  After: 10-11, then a
+        # client fails only when two holds that end together come first.
+        trace = b"".join(r or b"-" for r in results)
+        assert trace.count(b"-") <= 14, trace
+        assert trace[-10:].count(b"-") <= 1, trace
+    finally:
+        close_all(servers)
+
+
 # -- passive health ------------------------------------------------------------
 
 def test_refusing_address_is_held_down_then_retried(start_proxy, dns_server):

@@ -36,6 +36,7 @@ TLS_SETTINGS = {                           # a mapping's TLS settings (TLS_FIELD
 MAPPING = {                                # Proxy.status()["mappings"][i]
     "mapping": (int, str), "spec": str, "listen": str, "target": str, "listening": bool,
     "addresses": [str], "expires_in": (float, NONE), "stale": bool, "dns_error": (str, NONE),
+    "dns_family": str,
     "allow": [str], "max_connections": int, "tls": TLS_SETTINGS,
     "active": int, "total": int, "bytes_up": int, "bytes_down": int, "refused": int,
     "failed": int, "failing": int,
