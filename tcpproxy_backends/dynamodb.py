@@ -384,7 +384,7 @@ def _put(client, args):
         if _spec_key(item) in keys and configuration not in wanted:
             others.append(configuration)
     if others and not args.replace:
-        log.error("tcpproxy dynamodb put: listen port (address) already has another item (%s): "
+        log.error("tcpproxy dynamodb put: listen port already has another item (%s): "
                   "the proxy would keep what is in force there; add --replace to switch "
                   "it in one transaction", ", ".join(others))
         return 1
