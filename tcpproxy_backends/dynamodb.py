@@ -150,15 +150,19 @@ def _check_items(items, default_host=None):
                                    % ("port" if isinstance(key, int) else "address", key,
                                       len(entries), ", ".join(l for l, _ in entries)))
             held.add(key)
-    single = [entries[0] for key, entries in by_key.items() if len(entries) == 1]
-    for i, (label, mapping) in enumerate(single):
-        for other_label, other in single[i + 1:]:
-            reason = tcpproxy.listen_conflict(mapping, other, default_host)
-            if reason:
-                for one, two in ((label, other_label), (other_label, label)):
-                    problems[one] = ("%s (with %s): keeping what is in force on both"
-                                     % (reason, two))
-                held.update((mapping.key, other.key))
+    by_port = {}                         # listen port -> [(label, mapping)], one per key
+    for entries in by_key.values():
+        if len(entries) == 1:
+            by_port.setdefault(entries[0][1].listen_port, []).append(entries[0])
+    for single in by_port.values():      # a wildcard and another address on one port
+        for i, (label, mapping) in enumerate(single):
+            for other_label, other in single[i + 1:]:
+                reason = tcpproxy.listen_conflict(mapping, other, default_host)
+                if reason:
+                    for one, two in ((label, other_label), (other_label, label)):
+                        problems[one] = ("%s (with %s): keeping what is in force on both"
+                                         % (reason, two))
+                    held.update((mapping.key, other.key))
     mappings = sorted((entries[0][1] for key, entries in by_key.items() if key not in held),
                       key=lambda m: (m.listen_port, m.listen_host or ""))
     return mappings, problems, held
