@@ -808,7 +808,7 @@ class Mapping:
                                   "out for --listen-address)" % short_repr(text))
         elif len(fields) != 3:
             reason = ("an IPv6 address must be in brackets, e.g. [::1]:8002:[::1]:5432"
-                      if len(fields) > 4 else "expected %s" % LISTEN_FORMS)
+                      if _bare_ipv6(fields) else "expected %s" % LISTEN_FORMS)
             raise ConfigError("invalid connection %s: %s" % (short_repr(text), reason))
         elif fields[0].startswith("[") or _is_ip(fields[0]):
             raise ConfigError("invalid connection %s: a listen address needs "
@@ -862,6 +862,15 @@ def spec_key(text):
 
 
 _SPEC_FIELD = re.compile(r"\[[^\[\]]*\]|[^:\[\]]*")
+
+
+def _bare_ipv6(fields):
+    """True when some run of *fields* (a spec split on colons) joined with
+    colons is an IPv6 address: one written without brackets."""
+    if len(fields) > 12:                 # 8 groups and 4 fields at most
+        return False
+    return any(_is_ip(":".join(fields[i:j])) and ":" in ":".join(fields[i:j])
+               for i in range(len(fields)) for j in range(i + 3, len(fields) + 1))
 
 
 def _spec_fields(text):

@@ -77,6 +77,9 @@ def test_listen_address_is_part_of_the_mapping():
     ("[::1:8002:db:5432", "unbalanced brackets"),
     ("127.0.0.1:0x1f:db:5432", "listen port '0x1f' is not a port number"),
     ("a:b", "expected LPORT:HOST:RPORT or LISTEN_IP:LPORT:HOST:RPORT"),
+    ("127.0.0.1:8002:db:5432:9", "expected LPORT:HOST:RPORT or LISTEN_IP:LPORT:HOST:RPORT"),
+    ("8002:2001:db8::1:5432", "must be in brackets"),
+    ("2001:db8::1:8002:db:5432", "must be in brackets"),
 ])
 def test_ambiguous_or_bad_specs_are_named(text, reason):
     with pytest.raises(ConfigError) as err:
