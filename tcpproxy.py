@@ -2721,8 +2721,8 @@ def send_proxy_header(proxy, session, upstream):
 # forbids two threads in one SSL object, even one reading and one writing,
 # so an SSLSocket here is non-blocking and every call on it holds its
 # ``tls_lock``; waits (poll) happen outside the lock.  Contexts are built
-# once per set of files (TlsContexts); a server certificate is re-read when
-# its files change and on SIGHUP.
+# once per set of files (TlsContexts) and re-built, on either side, when
+# those files change and on SIGHUP.
 
 TLS_HANDSHAKE_TIMEOUT = 10.0       # a client's handshake (termination)
 TLS_RECORD = 16 * 1024             # the largest TLS record's payload
@@ -2776,6 +2776,13 @@ def _server_context(cert, key):
     return context
 
 
+def _tls_files_text(side, files):
+    """What the log says of a context's *files* re-read on *side*."""
+    if side == "client":
+        return "certificate %s" % files[0]
+    return "upstream CA %s, certificate %s" % (files[0] or "system", files[1] or "none")
+
+
 def _files_signature(*names):
     """(size, mtime) of each file; None for one that cannot be stat()ed."""
     out = []
@@ -2797,19 +2804,20 @@ class TlsContexts:
     (SIGHUP), count_failure(), failures(), warnings().  Client contexts
     are keyed by (CA, certificate, key), server contexts by (certificate,
     key): built once, shared by every mapping and connection using them.
-    A server certificate is stat()ed at most every TLS_CHECK_INTERVAL when
-    a client arrives and re-read when it changed; a new context serves new
-    connections only (open ones keep theirs).  A file that does not load
-    keeps the context in force, with a warning in /status.
+    Both follow their files the same way: stat()ed at most every
+    TLS_CHECK_INTERVAL when a connection needs the context, re-read when
+    they changed and on SIGHUP; a new context serves new connections only
+    (open ones keep theirs).  A file that does not load keeps the context
+    in force, logged once and shown as a warning in /status.
     """
 
     def __init__(self, defaults=None):
         self.defaults = {k: v for k, v in check_tls(defaults or {}).items() if v}
         self.lock = threading.Lock()
-        self._clients = {}             # (ca, cert, key) -> SSLContext
+        self._clients = {}             # (ca, cert, key) -> [SSLContext, signature, checked]
         self._servers = {}             # (cert, key) -> [SSLContext, signature, checked]
         self._failures = {}            # (port, side, reason) -> count
-        self._warnings = {}            # (cert, key) -> text
+        self._warnings = {}            # (side, files) -> text
 
     def settings(self, mapping, load=False):
         """*mapping*'s TLS settings, None when it has none.  *load*: build
@@ -2828,49 +2836,64 @@ class TlsContexts:
                 self.server_context(settings)
         return settings
 
-    def client_context(self, settings):
-        key = (settings.upstream_ca, settings.upstream_cert, settings.upstream_key)
-        context = self._clients.get(key)
-        if context is None:
-            context = _client_context(*key)
-            with self.lock:
-                context = self._clients.setdefault(key, context)
-        return context
+    def client_context(self, settings, force=False):
+        """The origination context for *settings* (its CA, client
+        certificate and key); *force*: re-read the files now."""
+        files = (settings.upstream_ca, settings.upstream_cert, settings.upstream_key)
+        return self._context("upstream", files, force)
 
     def server_context(self, settings, force=False):
-        key = (settings.tls_cert, settings.tls_key)
-        entry = self._servers.get(key)
+        """The termination context for *settings* (certificate, key)."""
+        return self._context("client", (settings.tls_cert, settings.tls_key), force)
+
+    def _context(self, side, files, force):
+        """The context for *files* on *side* ("upstream": a client context,
+        "client": a server one), re-built when the files changed (checked at
+        most every TLS_CHECK_INTERVAL) or when *force*d.  A first load that
+        fails raises ConfigError; a later one keeps the context in force."""
+        cache = self._clients if side == "upstream" else self._servers
+        entry = cache.get(files)
         now = time.monotonic()
         if entry is not None and not force and now - entry[2] < TLS_CHECK_INTERVAL:
             return entry[0]
         with self.lock:
-            entry = self._servers.get(key)
+            entry = cache.get(files)
             if entry is not None and not force and now - entry[2] < TLS_CHECK_INTERVAL:
                 return entry[0]
-            signature = _files_signature(*key)
+            signature = _files_signature(*files)
             if entry is not None and not force and signature == entry[1]:
                 entry[2] = now
                 return entry[0]
             try:
-                context = _server_context(*key)
+                context = _client_context(*files) if side == "upstream" else \
+                    _server_context(*files)
             except ConfigError as exc:
                 if entry is None:
                     raise
                 entry[1:] = [signature, now]
-                self._warnings[key] = "%s; the certificate in force stays" % exc
-                _once.log(logging.ERROR, ("tls-cert", key), "%s", self._warnings[key])
+                self._kept(side, files, exc)
                 return entry[0]
             if entry is not None:
-                log.info("TLS: re-read certificate %s", key[0])
-            if self._warnings.pop(key, None) is not None:
-                _once.clear(("tls-cert", key))
-            self._servers[key] = [context, signature, now]
+                log.info("TLS: re-read %s", _tls_files_text(side, files))
+            if self._warnings.pop((side, files), None) is not None:
+                _once.clear(("tls-files", side, files))
+            cache[files] = [context, signature, now]
             return context
 
+    def _kept(self, side, files, exc):
+        """A re-read of *files* failed: warn (in /status, and in the log
+        once per change) that the context in force stays."""
+        text = "%s; the %s in force stays" % (
+            exc, "certificate" if side == "client" else "CA and certificate")
+        self._warnings[(side, files)] = text
+        _once.log(logging.ERROR, ("tls-files", side, files), "%s", text)
+
     def reload(self):
-        """SIGHUP: re-read every server certificate now."""
-        for key in list(self._servers):
-            self.server_context(_NO_TLS._replace(tls_cert=key[0], tls_key=key[1]), force=True)
+        """SIGHUP: re-read every certificate, CA and key now, both sides."""
+        for files in list(self._servers):
+            self._context("client", files, force=True)
+        for files in list(self._clients):
+            self._context("upstream", files, force=True)
 
     def count_failure(self, port, side, reason):
         with self.lock:
@@ -4391,11 +4414,11 @@ def build_parser(environ=None):
         help="TLS to the upstream (verified: system CAs or --upstream-ca; the target "
              "name is the SNI and the name checked)")
     add("--upstream-ca", metavar="FILE", help="CA certificates (PEM) to verify upstreams "
-        "with, instead of the system's")
+        "with, instead of the system's (re-read on change and on SIGHUP)")
     add("--upstream-sni", metavar="NAME", help="server name to send and verify instead of "
         "the target's")
     add("--upstream-cert", metavar="FILE", help="client certificate (PEM) for the upstream "
-        "(mutual TLS)")
+        "(mutual TLS; re-read on change and on SIGHUP)")
     add("--upstream-key", metavar="FILE", help="its key (default: in --upstream-cert)")
     add("--tls-cert", metavar="FILE", help="serve clients TLS with this certificate chain "
         "(PEM; re-read on change and on SIGHUP)")

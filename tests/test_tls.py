@@ -1,10 +1,10 @@
 """TLS: origination (--upstream-tls) to a TLS-only redis-server and a
 Python TLS echo server, termination (--tls-cert/--tls-key) in front of a
 plain redis-server and echo server, half-close and 50 MB both ways through
-each, refusals (wrong CA, wrong name) with their reason, certificate
-rotation by SIGHUP under an open connection, and what /status,
-/connections and /metrics show.  Loopback only; certificates from the
-``tls_certs`` fixture and ``peers.make_certs``."""
+each, refusals (wrong CA, wrong name) with their reason, rotation of the
+certificate and of the upstream CA (SIGHUP, file change) under an open
+connection, and what /status, /connections and /metrics show.  Loopback
+only; certificates from the ``tls_certs`` fixture and ``peers.make_certs``."""
 
 import hashlib
 import os
@@ -404,6 +404,90 @@ def test_certificate_rotation_by_sighup(tls_certs, tmp_path, start_proxy):
                                      server_hostname="localhost") as again:
             again.sendall(b"four")
             assert again.recv(4) == b"four"
+
+
+def ping(sock):
+    """Redis PING on an open connection: the reply (b"" when it closed)."""
+    sock.sendall(b"PING\r\n")
+    reply = b""
+    while not reply.endswith(b"\r\n"):
+        data = sock.recv(64)
+        if not data:
+            break
+        reply += data
+    return reply
+
+
+def ping_new(port):
+    """PING on a new connection to the proxy's *port*: the reply, or None
+    when the proxy closed it (its TLS handshake upstream failed)."""
+    try:
+        with socket.create_connection((LOOP4, port), timeout=10) as sock:
+            return ping(sock) or None
+    except OSError:
+        return None
+
+
+def test_upstream_ca_rotation(redis_tls, tls_certs, tmp_path, start_proxy):
+    """The TLS redis-server moves to a certificate from another CA: new
+    connections are refused until the proxy's --upstream-ca file follows;
+    once it is replaced, new connections verify against the new CA (on the
+    file's change alone, and on SIGHUP) while a connection opened before
+    keeps working.  A broken CA file keeps the CA in force, with a warning
+    in /status and a single log line."""
+    live = tmp_path / "live"
+    live.mkdir()
+    ca = live / "ca.crt"
+    shutil.copy(tls_certs.ca, ca)
+    (tmp_path / "new").mkdir()
+    new = make_certs(tmp_path / "new")
+    port = free_port()
+    proxy = start_proxy("%d:localhost:%d" % (port, redis_tls.port),
+                        extra=["--upstream-tls", "--upstream-ca", ca, "--debug", "1"])
+    pong = b"+PONG\r\n"
+    with socket.create_connection((LOOP4, port), timeout=10) as before:
+        assert ping(before) == pong
+        result = redis_cli(redis_tls.port, "CONFIG", "SET", "tls-cert-file", new.cert,
+                           "tls-key-file", new.key, tls_ca=tls_certs.ca)
+        assert result.stdout.strip() == "OK", result
+        assert ping_new(port) is None                  # the old CA cannot verify it
+        assert metric(proxy, "tcpproxy_tls_handshake_failures_total", mapping=port,
+                      side="upstream", reason="verify") == 1
+        # the file changes: new connections verify against the new CA
+        shutil.copy(new.ca, ca)
+        wait_until(lambda: ping_new(port) == pong, message=proxy.stderr)
+        assert "TLS: re-read upstream CA %s" % ca in proxy.stderr()
+        assert ping(before) == pong                    # the open one: untouched
+        # back to the first CA, by SIGHUP (no connection asks meanwhile)
+        result = redis_cli(redis_tls.port, "CONFIG", "SET", "tls-cert-file", tls_certs.cert,
+                           "tls-key-file", tls_certs.key, tls_ca=new.ca)
+        assert result.stdout.strip() == "OK", result
+        shutil.copy(tls_certs.ca, ca)
+        proxy.send_signal(signal.SIGHUP)
+        wait_until(lambda: proxy.stderr().count("TLS: re-read upstream CA") == 2,
+                   message=proxy.stderr)
+        assert ping_new(port) == pong
+        assert ping(before) == pong
+        # a broken CA file: the CA in force stays, /status warns, logged once
+        ca.write_text("not a certificate\n")
+        proxy.send_signal(signal.SIGHUP)
+        status = wait_until(lambda: (lambda s: s if any(
+            "cannot load the upstream TLS files" in w for w in s["warnings"]) else None)(
+            http_json(proxy.status_address, "/status?format=json")))
+        assert any(str(ca) in w and "stays" in w for w in status["warnings"])
+        assert ping_new(port) == pong
+        proxy.send_signal(signal.SIGHUP)
+        wait_until(lambda: proxy.stderr().count("static backend has nothing to reload") == 3,
+                   message=proxy.stderr)
+        assert proxy.stderr().count("cannot load the upstream TLS files") == 1
+        assert ping_new(port) == pong
+        assert ping(before) == pong
+        # fixed: the warning goes
+        shutil.copy(tls_certs.ca, ca)
+        proxy.send_signal(signal.SIGHUP)
+        wait_until(lambda: not http_json(proxy.status_address, "/status?format=json")
+                   ["warnings"], message=proxy.stderr)
+        assert ping_new(port) == pong
 
 
 # -- configuration -------------------------------------------------------------
