@@ -2758,8 +2758,10 @@ def _client_context(ca, cert, key):
         if cert:
             context.load_cert_chain(cert, key)
     except (OSError, ssl.SSLError, ValueError) as exc:
+        reason = _tls_load_problem(exc, ((ca, "certificate"), (cert, "certificate"),
+                                         (key or cert, "key")))
         raise ConfigError("cannot load the upstream TLS files (CA %s, certificate %s): %s"
-                          % (ca or "system", cert or "none", exc)) from None
+                          % (ca or "system", cert or "none", reason)) from None
     return context
 
 
@@ -2771,9 +2773,33 @@ def _server_context(cert, key):
         context.options |= _TLS_OPTIONS
         context.load_cert_chain(cert, key)
     except (OSError, ssl.SSLError, ValueError) as exc:
+        reason = _tls_load_problem(exc, ((cert, "certificate"), (key or cert, "key")))
         raise ConfigError("cannot load TLS certificate %s (key %s): %s"
-                          % (cert, key or cert, exc)) from None
+                          % (cert, key or cert, reason)) from None
     return context
+
+
+_PEM_MARKERS = {"certificate": b"-----BEGIN CERTIFICATE-----", "key": b"PRIVATE KEY-----"}
+
+
+def _tls_load_problem(exc, files):
+    """Why loading TLS *files* ((name, "certificate" or "key") pairs; a
+    None name is skipped) failed with *exc*, naming the file: the first
+    that cannot be read or holds no PEM of its kind, else OpenSSL's
+    reason (whose "PEM lib" says neither which file nor what)."""
+    for name, kind in files:
+        if not name:
+            continue
+        try:
+            with open(name, "rb") as f:
+                data = f.read()
+        except OSError as error:
+            return "%s: %s" % (name, error.strerror or error)
+        if _PEM_MARKERS[kind] not in data:
+            return "%s: no PEM %s in it" % (name, "private key" if kind == "key" else kind)
+    if getattr(exc, "reason", None) == "KEY_VALUES_MISMATCH":
+        return "the key does not match the certificate"
+    return str(exc)
 
 
 def _tls_files_text(side, files):
@@ -4799,7 +4825,8 @@ def _reload(poller, notifier, backend):
 
 def check_config(args):
     """``tcpproxy check [flags]`` (or ``--check``): load the configured
-    backend once and print the mappings it would serve; bind nothing.
+    backend once and print the mappings it would serve, with their TLS
+    settings (whose files are loaded, as the proxy would); bind nothing.
     Returns 0, or 2 with the same error lines the proxy would log."""
     logging.basicConfig(level=logging.ERROR if args.debug == 0 else DEBUG_LEVELS[args.debug],
                         format="tcpproxy: %(levelname)s: %(message)s")
@@ -4811,6 +4838,8 @@ def check_config(args):
         problems = getattr(backend, "problems", None) or {}
     except ProxyError as exc:
         return _fail(exc)
+    problems = dict(problems)
+    tls = TlsContexts(args.tls)
     for mapping in sorted(mappings, key=lambda m: m.listen_port):
         extra = []
         if mapping.allow:
@@ -4821,12 +4850,38 @@ def check_config(args):
             extra.append("send_proxy=" + mapping.send_proxy)
         if mapping.accept_proxy:
             extra.append("accept_proxy=true")
+        settings = tls.settings(mapping)                   # TLS
+        extra.extend(_tls_check_fields(mapping, settings))
+        try:
+            tls.settings(mapping, load=True)
+        except ConfigError as exc:
+            problems[mapping.spec] = str(exc)
         sys.stdout.write(" ".join([mapping.spec] + extra) + "\n")
     for label, reason in sorted(problems.items()):
         sys.stderr.write("tcpproxy: error: %s: %s\n" % (label, reason))
     sys.stdout.write("%s backend: %d mapping(s)%s\n" % (
         args.backend, len(mappings), ", %d problem(s)" % len(problems) if problems else ""))
     return 2 if problems else 0
+
+
+def _tls_check_fields(mapping, settings):
+    """What ``check`` prints of a mapping's TLS *settings* (none for plain
+    TCP): origination on or off with its CA, server name and client
+    certificate; termination's certificate and key."""
+    if settings is None:
+        return []
+    out = ["upstream_tls=%s" % ("on" if settings.upstream_tls else "off")]
+    if settings.upstream_tls:
+        out.append("upstream_ca=%s" % (settings.upstream_ca or "system"))
+        out.append("upstream_sni=%s" % (settings.upstream_sni or mapping.host))
+        if settings.upstream_cert:
+            out.append("upstream_cert=%s" % settings.upstream_cert)
+        if settings.upstream_key:
+            out.append("upstream_key=%s" % settings.upstream_key)
+    if settings.tls_cert:
+        out.append("tls_cert=%s" % settings.tls_cert)
+        out.append("tls_key=%s" % (settings.tls_key or settings.tls_cert))
+    return out
 
 
 def health(argv):

@@ -18,7 +18,7 @@ import threading
 import pytest
 
 import tcpproxy
-from helpers import LOOP4, EchoServer, free_port, http, http_json, wait_until
+from helpers import LOOP4, EchoServer, free_port, http, http_json, run_cli, wait_until
 from peers import make_certs, need, run
 from test_status import check_schema
 
@@ -530,3 +530,60 @@ def test_bad_tls_files_stop_the_cli(tmp_path, proxy_cli):
     assert p.wait(20) == 2
     assert "cannot load TLS certificate" in p.stderr()
     assert os.path.basename(str(missing)) in p.stderr()
+
+
+# -- tcpproxy check ------------------------------------------------------------
+
+def test_check_prints_tls_settings(tls_certs, tmp_path):
+    """``tcpproxy check`` shows each mapping's TLS settings, the mapping's
+    own over the command line's, and nothing for a plain one."""
+    pytest.importorskip("yaml")
+    path = tmp_path / "mappings.yaml"
+    path.write_text(
+        "mappings:\n"
+        "  - {listen: 8001, target: 'db.example.com:5432'}\n"
+        "  - listen: 8002\n    target: cache.example.com:6379\n    upstream_tls: true\n"
+        "    upstream_ca: %s\n    upstream_sni: primary.example.com\n"
+        "    upstream_cert: %s\n    upstream_key: %s\n"
+        "  - listen: 8003\n    target: 127.0.0.1:6379\n    tls_cert: %s\n    tls_key: %s\n"
+        % (tls_certs.ca, tls_certs.cert, tls_certs.key, tls_certs.cert, tls_certs.key))
+    result = run_cli(["check", "--backend", "file", "--config", path])
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0] == "8001:db.example.com:5432"
+    assert lines[1] == ("8002:cache.example.com:6379 upstream_tls=on upstream_ca=%s "
+                        "upstream_sni=primary.example.com upstream_cert=%s upstream_key=%s"
+                        % (tls_certs.ca, tls_certs.cert, tls_certs.key))
+    assert lines[2] == "8003:127.0.0.1:6379 upstream_tls=off tls_cert=%s tls_key=%s" % (
+        tls_certs.cert, tls_certs.key)
+    # the command line's: the SNI is the target's name, the CAs the system's
+    result = run_cli(["check", "--connections", "8004:cache.example.com:6379", "--upstream-tls",
+                      "--tls-cert", tls_certs.cert, "--tls-key", tls_certs.key])
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[0] == (
+        "8004:cache.example.com:6379 upstream_tls=on upstream_ca=system "
+        "upstream_sni=cache.example.com tls_cert=%s tls_key=%s" % (tls_certs.cert, tls_certs.key))
+
+
+@pytest.mark.parametrize("flags, reason", [
+    (["--upstream-tls", "--upstream-ca", "{missing}"], "{missing}: No such file or directory"),
+    (["--upstream-tls", "--upstream-ca", "{dir}"], "{dir}: Is a directory"),
+    (["--upstream-tls", "--upstream-ca", "{key}"], "{key}: no PEM certificate in it"),
+    (["--upstream-tls", "--upstream-cert", "{cert}"], "{cert}: no PEM private key in it"),
+    (["--tls-cert", "{garbage}"], "{garbage}: no PEM certificate in it"),
+    (["--tls-cert", "{cert}", "--tls-key", "{ca_key}"], "the key does not match the certificate"),
+])
+def test_check_reports_bad_tls_files(flags, reason, tls_certs, tmp_path):
+    """A TLS file that cannot be read or is not what it should be: ``check``
+    exits 2 with one line naming the mapping, the file and why."""
+    names = {"missing": tmp_path / "missing.pem", "dir": tmp_path, "key": tls_certs.key,
+             "cert": tls_certs.cert, "garbage": tmp_path / "garbage.pem",
+             "ca_key": tls_certs.ca_key}
+    names["garbage"].write_text("not a certificate\n")
+    result = run_cli(["check", "--connections", "8002:localhost:6379"]
+                     + [flag.format(**names) for flag in flags])
+    assert result.returncode == 2, result
+    errors = result.stderr.splitlines()
+    assert len(errors) == 1 and errors[0].startswith("tcpproxy: error: 8002:localhost:6379: "), errors
+    assert errors[0].endswith(reason.format(**names)), errors
+    assert "static backend: 1 mapping(s), 1 problem(s)" in result.stdout
