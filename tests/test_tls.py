@@ -14,6 +14,7 @@ import signal
 import socket
 import ssl
 import threading
+import time
 
 import pytest
 
@@ -287,6 +288,116 @@ def test_origination_half_close_and_50mb(tls_echo, tls_certs, start_proxy):
     wait_until(lambda: tls_echo.received)
     assert tls_echo.received == [want]
     assert "TLS error" not in proxy.stderr()
+
+
+class StreamingTlsServer:
+    """A TLS server for one client that streams 16 KiB records to it
+    without a pause until the client's close_notify comes, then sends
+    b"END" and its own close_notify and closes (one thread, memory BIOs,
+    so that it reads while it writes).  ``result``: what it received
+    before the close_notify and how many bytes it had streamed."""
+
+    def __init__(self, certs):
+        self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self.context.load_cert_chain(str(certs.cert), str(certs.key))
+        self.listener = socket.create_server((LOOP4, 0))
+        self.port = self.listener.getsockname()[1]
+        self.result = None
+        self.thread = threading.Thread(target=self._serve, name="StreamingTlsServer")
+        self.thread.start()
+
+    def _serve(self):
+        self.listener.settimeout(30)
+        conn, _ = self.listener.accept()
+        incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        tls = self.context.wrap_bio(incoming, outgoing, server_side=True)
+        record = b"x" * 16384
+        received, sent, out, handshaken = bytearray(), 0, b"", False
+        with conn, selectors.DefaultSelector() as sel:
+            conn.setblocking(False)
+            sel.register(conn, selectors.EVENT_READ)
+            while True:
+                if not handshaken:
+                    try:
+                        tls.do_handshake()
+                        handshaken = True
+                    except ssl.SSLWantReadError:
+                        pass
+                if handshaken and not out and outgoing.pending < CHUNK:
+                    sent += tls.write(record)
+                out = out or outgoing.read()
+                if out:
+                    try:
+                        out = out[conn.send(out):]
+                    except BlockingIOError:
+                        pass
+                sel.modify(conn, selectors.EVENT_READ | (selectors.EVENT_WRITE if out or handshaken else 0))
+                if not sel.select(30):
+                    return
+                try:
+                    data = conn.recv(CHUNK)
+                except BlockingIOError:
+                    continue
+                if not data:
+                    return                     # a FIN without close_notify: no result
+                incoming.write(data)
+                try:
+                    while handshaken:
+                        data = tls.read(CHUNK)
+                        if not data:
+                            raise ssl.SSLZeroReturnError()
+                        received += data
+                except ssl.SSLWantReadError:
+                    continue
+                except ssl.SSLZeroReturnError:     # close_notify
+                    self.result = {"received": bytes(received), "sent": sent}
+                    tls.write(b"END")
+                    try:
+                        tls.unwrap()
+                    except ssl.SSLWantReadError:
+                        pass
+                    conn.setblocking(True)
+                    conn.sendall(out + outgoing.read())
+                    return
+
+    def close(self):
+        self.listener.close()
+        self.thread.join(30)
+        assert not self.thread.is_alive()
+
+
+def test_half_close_reaches_a_peer_that_streams_on(tls_certs, start_proxy):
+    """The client's half-close becomes close_notify at once, even while the
+    upstream streams without a pause (close_notify is written in memory,
+    between two records, so nothing the upstream sends is lost): the
+    upstream sees the request and then the close_notify, and everything
+    it streamed, then b"END", reaches the client before the EOF."""
+    server = StreamingTlsServer(tls_certs)
+    try:
+        port = free_port()
+        start_proxy("%d:localhost:%d" % (port, server.port),
+                    extra=["--upstream-tls", "--upstream-ca", tls_certs.ca])
+        total, tail = 0, b""
+        with socket.create_connection((LOOP4, port), timeout=30) as sock:
+            sock.sendall(b"request")
+            while total < 4 * 1024 * 1024:         # the stream flows
+                total += len(sock.recv(CHUNK))
+            sock.shutdown(socket.SHUT_WR)
+            deadline = time.monotonic() + 30
+            while True:
+                assert time.monotonic() < deadline, "no EOF: the upstream saw no close_notify"
+                data = sock.recv(CHUNK)
+                if not data:
+                    break
+                total += len(data)
+                tail = (tail + data)[-3:]
+        server.thread.join(30)
+        assert server.result is not None, "the upstream saw no close_notify"
+        assert server.result["received"] == b"request"
+        assert tail == b"END"
+        assert total == server.result["sent"] + 3
+    finally:
+        server.close()
 
 
 # -- termination ---------------------------------------------------------------
