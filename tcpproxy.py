@@ -3217,11 +3217,9 @@ def _tls_flush(end, sendall, wait=True):
         if not send_lock.acquire(wait):
             return
         try:
-            while True:
+            while outgoing.pending:
                 with lock:
                     data = outgoing.read()
-                if not data:
-                    break
                 sendall(data)
         finally:
             send_lock.release()
@@ -3239,13 +3237,19 @@ def _plain_sender(sock):
 
 def _tls_sender(end, sock):
     """send(entry, n) through *end*: encrypt a pooled buffer's first *n*
-    bytes into ``outgoing`` (in memory: it never waits), then send them."""
+    bytes into ``outgoing`` (in memory: it never waits) and send them,
+    holding ``send_lock`` (see _tls_flush) from the one to the other."""
     write, lock, sendall = end.obj._sslobj.write, end.lock, sock.sendall
+    send_lock, outgoing = end.send_lock, end.outgoing
 
     def send(entry, n):
-        with memoryview(entry[0]) as view, lock:
-            write(view[:n])
-        _tls_flush(end, sendall)
+        with send_lock:
+            with memoryview(entry[0]) as view, lock:
+                write(view[:n])
+                data = outgoing.read()
+            sendall(data)
+        if outgoing.pending:                 # a reader's, left to us (see _tls_flush)
+            _tls_flush(end, sendall)
     return send
 
 
