@@ -2720,7 +2720,7 @@ def send_proxy_header(proxy, session, upstream):
 # worker thread, bounded by TLS_HANDSHAKE_TIMEOUT.  A session with TLS on
 # either side is copied by tls_pump(): no splice.  The TLS runs in memory
 # (ssl.SSLObject over two MemoryBIOs, a _TlsEnd): the sockets stay plain
-# and are read and written as pump() does, and OpenSSL only ever sees
+# (read and written with their own methods), and OpenSSL only ever sees
 # bytes in memory.  OpenSSL forbids two threads in one SSL object, even one
 # reading and one writing, so every call on it holds its end's ``lock``,
 # which is never held over a system call.  Contexts are built once per set
