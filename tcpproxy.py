@@ -2729,6 +2729,7 @@ def send_proxy_header(proxy, session, upstream):
 
 TLS_HANDSHAKE_TIMEOUT = 10.0       # a client's handshake (termination)
 TLS_RECORD = 16 * 1024             # the largest TLS record's payload
+TLS_HANDSHAKE_READ = 64 * 1024     # a recv() during the handshake
 TLS_CHECK_INTERVAL = 1.0           # how often a connection stat()s the certificate files
 TLS_FAILURE_REASONS = ("verify", "protocol", "timeout", "closed", "config")
 TlsSettings = collections.namedtuple("TlsSettings", TLS_FIELDS)
@@ -2948,9 +2949,6 @@ class _TlsEnd:
         self.obj = wrap(self.incoming, self.outgoing)
         self.lock = threading.Lock()
         self.send_lock = threading.Lock()
-
-
-TLS_HANDSHAKE_READ = 64 * 1024
 
 
 def _tls_info(obj):
