@@ -1,10 +1,12 @@
 """TLS: origination (--upstream-tls) to a TLS-only redis-server and a
 Python TLS echo server, termination (--tls-cert/--tls-key) in front of a
 plain redis-server and echo server, half-close and 50 MB both ways through
-each, refusals (wrong CA, wrong name) with their reason, rotation of the
-certificate and of the upstream CA (SIGHUP, file change) under an open
-connection, and what /status, /connections and /metrics show.  Loopback
-only; certificates from the ``tls_certs`` fixture and ``peers.make_certs``."""
+each, a half-close while the upstream streams on, refusals (wrong CA,
+wrong name) with their reason, rotation of the certificate, of the
+upstream CA and of the client certificate (SIGHUP, file change) under an
+open connection, what /status, /connections and /metrics show, and what
+``tcpproxy check`` prints.  Loopback only; certificates from the
+``tls_certs`` fixture and ``peers.make_certs``."""
 
 import hashlib
 import os
@@ -599,6 +601,64 @@ def test_upstream_ca_rotation(redis_tls, tls_certs, tmp_path, start_proxy):
         wait_until(lambda: not http_json(proxy.status_address, "/status?format=json")
                    ["warnings"], message=proxy.stderr)
         assert ping_new(port) == pong
+
+
+def make_client_cert(certs, dir):
+    """A client certificate (extendedKeyUsage clientAuth) and its key,
+    signed by ``certs``' CA, in ``dir``: (cert, key)."""
+    dir.mkdir()
+    key, csr, cert, ext = (dir / "client.key", dir / "client.csr", dir / "client.crt",
+                           dir / "client.ext")
+    ext.write_text("extendedKeyUsage=clientAuth\n")
+    openssl = need("openssl", "openssl")
+    for argv in (["req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+                  "-nodes", "-keyout", key, "-out", csr, "-subj", "/CN=tcpproxy client"],
+                 ["x509", "-req", "-in", csr, "-CA", certs.ca, "-CAkey", certs.ca_key,
+                  "-CAcreateserial", "-out", cert, "-days", "2", "-extfile", ext]):
+        result = run([openssl] + argv)
+        assert result.returncode == 0, result.stderr
+    return cert, key
+
+
+def test_upstream_client_certificate_rotation(redis_tls, tls_certs, tmp_path, start_proxy):
+    """Mutual TLS: redis-server requires a client certificate from its CA.
+    The proxy's --upstream-cert/--upstream-key files hold one from another
+    CA (refused); once they are replaced by a good one, new connections
+    get through (on the files' change, no signal), and the one in force
+    stays when the new files are broken."""
+    result = redis_cli(redis_tls.port, "CONFIG", "SET", "tls-auth-clients", "yes",
+                       tls_ca=tls_certs.ca)
+    assert result.stdout.strip() == "OK", result
+    (tmp_path / "other").mkdir()
+    other = make_certs(tmp_path / "other")
+    bad_cert, bad_key = make_client_cert(other, tmp_path / "bad-client")
+    good_cert, good_key = make_client_cert(tls_certs, tmp_path / "good-client")
+    live = tmp_path / "live"
+    live.mkdir()
+    cert, key = live / "client.crt", live / "client.key"
+    shutil.copy(bad_cert, cert)
+    shutil.copy(bad_key, key)
+    port = free_port()
+    proxy = start_proxy("%d:localhost:%d" % (port, redis_tls.port), extra=[
+        "--upstream-tls", "--upstream-ca", tls_certs.ca, "--upstream-cert", cert,
+        "--upstream-key", key, "--debug", "1"])
+    pong = b"+PONG\r\n"
+    assert ping_new(port) is None                      # redis refuses the certificate
+    shutil.copy(good_cert, cert)
+    shutil.copy(good_key, key)
+    wait_until(lambda: ping_new(port) == pong, message=proxy.stderr)
+    assert "TLS: re-read upstream CA %s, certificate %s" % (tls_certs.ca, cert) \
+        in proxy.stderr()
+    with socket.create_connection((LOOP4, port), timeout=10) as before:
+        assert ping(before) == pong
+        key.write_text("not a key\n")
+        proxy.send_signal(signal.SIGHUP)
+        status = wait_until(lambda: (lambda s: s if any(
+            "cannot load the upstream TLS files" in w for w in s["warnings"]) else None)(
+            http_json(proxy.status_address, "/status?format=json")))
+        assert any("%s: no PEM private key in it" % key in w for w in status["warnings"])
+        assert ping_new(port) == pong
+        assert ping(before) == pong
 
 
 # -- configuration -------------------------------------------------------------
