@@ -2730,6 +2730,7 @@ def send_proxy_header(proxy, session, upstream):
 TLS_HANDSHAKE_TIMEOUT = 10.0       # a client's handshake (termination)
 TLS_RECORD = 16 * 1024             # the largest TLS record's payload
 TLS_HANDSHAKE_READ = 64 * 1024     # a recv() during the handshake
+TLS_CLOSE_WAIT = 0.05              # close_notify waiting for the peer's bytes in memory: the longest pause
 TLS_CHECK_INTERVAL = 1.0           # how often a connection stat()s the certificate files
 TLS_FAILURE_REASONS = ("verify", "protocol", "timeout", "closed", "config")
 TlsSettings = collections.namedtuple("TlsSettings", TLS_FIELDS)
@@ -3269,7 +3270,7 @@ def _tls_end_of_stream(session, dst, end):
             except OSError:
                 pass
         return
-    pause = None
+    pause, delay = None, 0.001
     while session.closed_reason is None:
         with end.lock:
             if last or not end.incoming.pending:
@@ -3280,8 +3281,11 @@ def _tls_end_of_stream(session, dst, end):
                 except (OSError, ValueError):
                     return
                 break
-        pause = pause or threading.Event()   # the other pump is decrypting: a moment
-        pause.wait(0.001)
+        # The other pump is decrypting (a moment), or waits for its reader
+        # to take what it decrypted: look again, less and less often.
+        pause = pause or threading.Event()
+        pause.wait(delay)
+        delay = min(delay * 2, TLS_CLOSE_WAIT)
     else:
         return
     if last:
