@@ -2730,7 +2730,7 @@ def send_proxy_header(proxy, session, upstream):
 TLS_HANDSHAKE_TIMEOUT = 10.0       # a client's handshake (termination)
 TLS_RECORD = 16 * 1024             # the largest TLS record's payload
 TLS_HANDSHAKE_READ = 64 * 1024     # a recv() during the handshake
-TLS_CLOSE_WAIT = 0.05              # close_notify waiting for the peer's bytes in memory: the longest pause
+TLS_CLOSE_WAIT = 0.05              # the longest pause of a close_notify waiting (see _tls_end_of_stream)
 TLS_CHECK_INTERVAL = 1.0           # how often a connection stat()s the certificate files
 TLS_FAILURE_REASONS = ("verify", "protocol", "timeout", "closed", "config")
 TlsSettings = collections.namedtuple("TlsSettings", TLS_FIELDS)
