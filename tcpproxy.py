@@ -1494,7 +1494,7 @@ class Session:
     __slots__ = ("id", "listen_port", "listen", "target", "client", "upstream_address",
                  "started", "opened", "connected", "last_up", "last_down", "bytes_up",
                  "bytes_down", "lock", "client_sock", "upstream_sock", "closed_reason",
-                 "state", "pumps", "tls", "proxy_protocol", "json_head")
+                 "state", "pumps", "tls", "tls_ends", "proxy_protocol", "json_head")
 
     def __init__(self, sid, listen_port, target, client, client_sock, listen=None):
         self.id = sid
@@ -1519,6 +1519,7 @@ class Session:
         self.state = "connecting"
         self.pumps = 2
         self.tls = None                  # TLS: {"client": ..., "upstream": ...} (see _tls_info)
+        self.tls_ends = None             # TLS: {"client"/"upstream": _TlsEnd}
         self.proxy_protocol = None       # a _ProxyProtocol when the mapping uses it
         self.json_head = None            # to_json(): what no longer changes once open
 
@@ -3066,32 +3067,25 @@ def send_proxy_header(proxy, session, upstream):
 # target name or upstream_sni), bounded by the connect timeout.
 # Termination (tls_cert): tls_accept() wraps the accepted socket on the
 # worker thread, bounded by TLS_HANDSHAKE_TIMEOUT.  A session with TLS on
-# either side is copied by tls_pump(): no splice, no libc I/O.  OpenSSL
-# forbids two threads in one SSL object, even one reading and one writing,
-# so an SSLSocket here is non-blocking and every call on it holds its
-# ``tls_lock``; waits (poll) happen outside the lock.  Contexts are built
-# once per set of files (TlsContexts); a server certificate is re-read when
-# its files change and on SIGHUP.
+# either side is copied by tls_pump(): no splice.  The TLS runs in memory
+# (ssl.SSLObject over two MemoryBIOs, a _TlsEnd): the sockets stay plain
+# (read and written with their own methods), and OpenSSL only ever sees
+# bytes in memory.  OpenSSL forbids two threads in one SSL object, even one
+# reading and one writing, so every call on it holds its end's ``lock``,
+# which is never held over a system call.  Contexts are built once per set
+# of files (TlsContexts) and re-built, on either side, when those files
+# change and on SIGHUP.
 
 TLS_HANDSHAKE_TIMEOUT = 10.0       # a client's handshake (termination)
 TLS_RECORD = 16 * 1024             # the largest TLS record's payload
+TLS_HANDSHAKE_READ = 64 * 1024     # a recv() during the handshake
+TLS_CLOSE_WAIT = 0.05              # the longest pause of a close_notify waiting (see _tls_end_of_stream)
 TLS_CHECK_INTERVAL = 1.0           # how often a connection stat()s the certificate files
 TLS_FAILURE_REASONS = ("verify", "protocol", "timeout", "closed", "config")
 TlsSettings = collections.namedtuple("TlsSettings", TLS_FIELDS)
 _NO_TLS = TlsSettings(False, None, None, None, None, None, None)
 
 
-class _NoLock:
-    __slots__ = ()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-
-_NO_LOCK = _NoLock()
 # No renegotiation (a write must never need a read); a peer's FIN without
 # close_notify is an EOF, not a fatal error answered with an alert.
 _TLS_OPTIONS = getattr(ssl, "OP_NO_RENEGOTIATION", 0) | getattr(ssl, "OP_IGNORE_UNEXPECTED_EOF", 0)
@@ -3107,8 +3101,10 @@ def _client_context(ca, cert, key):
         if cert:
             context.load_cert_chain(cert, key)
     except (OSError, ssl.SSLError, ValueError) as exc:
+        reason = _tls_load_problem(exc, ((ca, "certificate"), (cert, "certificate"),
+                                         (key or cert, "key")))
         raise ConfigError("cannot load the upstream TLS files (CA %s, certificate %s): %s"
-                          % (ca or "system", cert or "none", exc)) from None
+                          % (ca or "system", cert or "none", reason)) from None
     return context
 
 
@@ -3120,9 +3116,40 @@ def _server_context(cert, key):
         context.options |= _TLS_OPTIONS
         context.load_cert_chain(cert, key)
     except (OSError, ssl.SSLError, ValueError) as exc:
+        reason = _tls_load_problem(exc, ((cert, "certificate"), (key or cert, "key")))
         raise ConfigError("cannot load TLS certificate %s (key %s): %s"
-                          % (cert, key or cert, exc)) from None
+                          % (cert, key or cert, reason)) from None
     return context
+
+
+_PEM_MARKERS = {"certificate": b"-----BEGIN CERTIFICATE-----", "key": b"PRIVATE KEY-----"}
+
+
+def _tls_load_problem(exc, files):
+    """Why loading TLS *files* ((name, "certificate" or "key") pairs; a
+    None name is skipped) failed with *exc*, naming the file: the first
+    that cannot be read or holds no PEM of its kind, else OpenSSL's
+    reason (whose "PEM lib" says neither which file nor what)."""
+    for name, kind in files:
+        if not name:
+            continue
+        try:
+            with open(name, "rb") as f:
+                data = f.read()
+        except OSError as error:
+            return "%s: %s" % (name, error.strerror or error)
+        if _PEM_MARKERS[kind] not in data:
+            return "%s: no PEM %s in it" % (name, "private key" if kind == "key" else kind)
+    if getattr(exc, "reason", None) == "KEY_VALUES_MISMATCH":
+        return "the key does not match the certificate"
+    return str(exc)
+
+
+def _tls_files_text(side, files):
+    """What the log says of a context's *files* re-read on *side*."""
+    if side == "client":
+        return "certificate %s" % files[0]
+    return "upstream CA %s, certificate %s" % (files[0] or "system", files[1] or "none")
 
 
 def _files_signature(*names):
@@ -3146,19 +3173,20 @@ class TlsContexts:
     (SIGHUP), count_failure(), failures(), warnings().  Client contexts
     are keyed by (CA, certificate, key), server contexts by (certificate,
     key): built once, shared by every mapping and connection using them.
-    A server certificate is stat()ed at most every TLS_CHECK_INTERVAL when
-    a client arrives and re-read when it changed; a new context serves new
-    connections only (open ones keep theirs).  A file that does not load
-    keeps the context in force, with a warning in /status.
+    Both follow their files the same way: stat()ed at most every
+    TLS_CHECK_INTERVAL when a connection needs the context, re-read when
+    they changed and on SIGHUP; a new context serves new connections only
+    (open ones keep theirs).  A file that does not load keeps the context
+    in force, logged once and shown as a warning in /status.
     """
 
     def __init__(self, defaults=None):
         self.defaults = {k: v for k, v in check_tls(defaults or {}).items() if v}
         self.lock = threading.Lock()
-        self._clients = {}             # (ca, cert, key) -> SSLContext
+        self._clients = {}             # (ca, cert, key) -> [SSLContext, signature, checked]
         self._servers = {}             # (cert, key) -> [SSLContext, signature, checked]
         self._failures = {}            # (port, side, reason) -> count
-        self._warnings = {}            # (cert, key) -> text
+        self._warnings = {}            # (side, files) -> text
 
     def settings(self, mapping, load=False):
         """*mapping*'s TLS settings, None when it has none.  *load*: build
@@ -3177,49 +3205,64 @@ class TlsContexts:
                 self.server_context(settings)
         return settings
 
-    def client_context(self, settings):
-        key = (settings.upstream_ca, settings.upstream_cert, settings.upstream_key)
-        context = self._clients.get(key)
-        if context is None:
-            context = _client_context(*key)
-            with self.lock:
-                context = self._clients.setdefault(key, context)
-        return context
+    def client_context(self, settings, force=False):
+        """The origination context for *settings* (its CA, client
+        certificate and key); *force*: re-read the files now."""
+        files = (settings.upstream_ca, settings.upstream_cert, settings.upstream_key)
+        return self._context("upstream", files, force)
 
     def server_context(self, settings, force=False):
-        key = (settings.tls_cert, settings.tls_key)
-        entry = self._servers.get(key)
+        """The termination context for *settings* (certificate, key)."""
+        return self._context("client", (settings.tls_cert, settings.tls_key), force)
+
+    def _context(self, side, files, force):
+        """The context for *files* on *side* ("upstream": a client context,
+        "client": a server one), re-built when the files changed (checked at
+        most every TLS_CHECK_INTERVAL) or when *force*d.  A first load that
+        fails raises ConfigError; a later one keeps the context in force."""
+        cache = self._clients if side == "upstream" else self._servers
+        entry = cache.get(files)
         now = time.monotonic()
         if entry is not None and not force and now - entry[2] < TLS_CHECK_INTERVAL:
             return entry[0]
         with self.lock:
-            entry = self._servers.get(key)
+            entry = cache.get(files)
             if entry is not None and not force and now - entry[2] < TLS_CHECK_INTERVAL:
                 return entry[0]
-            signature = _files_signature(*key)
+            signature = _files_signature(*files)
             if entry is not None and not force and signature == entry[1]:
                 entry[2] = now
                 return entry[0]
             try:
-                context = _server_context(*key)
+                context = _client_context(*files) if side == "upstream" else \
+                    _server_context(*files)
             except ConfigError as exc:
                 if entry is None:
                     raise
                 entry[1:] = [signature, now]
-                self._warnings[key] = "%s; the certificate in force stays" % exc
-                _once.log(logging.ERROR, ("tls-cert", key), "%s", self._warnings[key])
+                self._kept(side, files, exc)
                 return entry[0]
             if entry is not None:
-                log.info("TLS: re-read certificate %s", key[0])
-            if self._warnings.pop(key, None) is not None:
-                _once.clear(("tls-cert", key))
-            self._servers[key] = [context, signature, now]
+                log.info("TLS: re-read %s", _tls_files_text(side, files))
+            if self._warnings.pop((side, files), None) is not None:
+                _once.clear(("tls-files", side, files))
+            cache[files] = [context, signature, now]
             return context
 
+    def _kept(self, side, files, exc):
+        """A re-read of *files* failed: warn (in /status, and in the log
+        once per change) that the context in force stays."""
+        text = "%s; the %s in force stays" % (
+            exc, "certificate" if side == "client" else "CA and certificate")
+        self._warnings[(side, files)] = text
+        _once.log(logging.ERROR, ("tls-files", side, files), "%s", text)
+
     def reload(self):
-        """SIGHUP: re-read every server certificate now."""
-        for key in list(self._servers):
-            self.server_context(_NO_TLS._replace(tls_cert=key[0], tls_key=key[1]), force=True)
+        """SIGHUP: re-read every certificate, CA and key now, both sides."""
+        for files in list(self._servers):
+            self._context("client", files, force=True)
+        for files in list(self._clients):
+            self._context("upstream", files, force=True)
 
     def count_failure(self, port, side, reason):
         with self.lock:
@@ -3243,9 +3286,24 @@ class TlsContexts:
         return dict(out)
 
 
-def _tls_info(sock):
-    cipher = sock.cipher()
-    return {"version": sock.version(), "cipher": cipher[0] if cipher else None}
+class _TlsEnd:
+    """One side's TLS: an ssl.SSLObject between two MemoryBIOs, over that
+    side's plain socket.  ``lock`` guards every call on the SSL object and
+    the BIOs; ``send_lock`` keeps what leaves ``outgoing`` in order, held by
+    the one thread sending it (see _tls_flush)."""
+
+    __slots__ = ("obj", "incoming", "outgoing", "lock", "send_lock")
+
+    def __init__(self, wrap):
+        self.incoming, self.outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        self.obj = wrap(self.incoming, self.outgoing)
+        self.lock = threading.Lock()
+        self.send_lock = threading.Lock()
+
+
+def _tls_info(obj):
+    cipher = obj.cipher()
+    return {"version": obj.version(), "cipher": cipher[0] if cipher else None}
 
 
 def _tls_reason(exc):
@@ -3262,22 +3320,61 @@ def _tls_reason(exc):
     return "protocol"
 
 
+def _bio_handshake(end, sock, timeout):
+    """The TLS handshake of *end* over the blocking *sock*, within
+    *timeout* seconds.  What the peer sent after it stays in
+    ``end.incoming`` for tls_pump()."""
+    deadline = time.monotonic() + timeout
+    obj, incoming, outgoing = end.obj, end.incoming, end.outgoing
+    while True:
+        try:
+            obj.do_handshake()
+            done = True
+        except ssl.SSLWantReadError:
+            done = False
+        except ssl.SSLError:
+            _send_quietly(sock, outgoing.read())   # the alert saying why
+            raise
+        if outgoing.pending:
+            sock.settimeout(max(deadline - time.monotonic(), 0.001))
+            sock.sendall(outgoing.read())
+        if done:
+            sock.settimeout(None)                  # tls_pump: blocking, like pump()
+            return
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise socket.timeout("the TLS handshake timed out")
+        sock.settimeout(remaining)
+        data = sock.recv(TLS_HANDSHAKE_READ)
+        if not data:
+            raise ConnectionAbortedError(errno.ECONNABORTED,
+                                         "the peer closed the connection in the handshake")
+        incoming.write(data)
+
+
+def _send_quietly(sock, data):
+    """One non-blocking send() of *data*, errors ignored (an alert, a
+    close_notify before the close)."""
+    if data:
+        try:
+            sock.send(data, socket.MSG_DONTWAIT)
+        except OSError:
+            pass
+
+
 def _tls_handshake(proxy, session, side, wrap, timeout, name=None):
-    """Wrap the session's socket on *side* ("client" or "upstream") with
-    *wrap*, do the handshake within *timeout*; return the SSLSocket, or None
-    (the reason logged and counted, the session aborted).  *name*: the
-    server name checked, for the log."""
-    attr = side + "_sock"
+    """Do the TLS handshake on the session's socket on *side* ("client" or
+    "upstream") through a _TlsEnd made by *wrap*(incoming, outgoing),
+    within *timeout*; return the _TlsEnd (also in ``session.tls_ends``),
+    or None (the reason logged and counted, the session aborted).  *name*:
+    the server name checked, for the log."""
     port = session.listen_port
     try:
-        with session.lock:                 # abort() may run meanwhile
-            if session.closed_reason is not None:
-                return None
-            sock = wrap(getattr(session, attr))
-            setattr(session, attr, sock)
-        sock.settimeout(timeout)
-        sock.do_handshake()
-        sock.settimeout(0.0)               # tls_pump: non-blocking, under tls_lock
+        sock = getattr(session, side + "_sock")
+        if session.closed_reason is not None or sock is None:
+            return None
+        end = _TlsEnd(wrap)
+        _bio_handshake(end, sock, timeout)
     except (OSError, ValueError, ConfigError) as exc:
         if session.closed_reason is not None:
             return None
@@ -3293,11 +3390,13 @@ def _tls_handshake(proxy, session, side, wrap, timeout, name=None):
                          _format_hostport(*session.client[:2]), side, reason, text)
         session.abort("%s TLS handshake failed" % side, reset=True)
         return None
-    sock.tls_lock = threading.Lock()
+    ends = dict(session.tls_ends or {})
+    ends[side] = end
+    session.tls_ends = ends
     tls = dict(session.tls or {"client": None, "upstream": None})
-    tls[side] = _tls_info(sock)
+    tls[side] = _tls_info(end.obj)
     session.tls = tls
-    return sock
+    return end
 
 
 def tls_accept(proxy, listener, session):
@@ -3315,9 +3414,8 @@ def tls_accept(proxy, listener, session):
                          _format_hostport(*session.client[:2]), exc)
         session.abort("no TLS certificate", reset=True)
         return False
-    return _tls_handshake(proxy, session, "client", lambda sock: context.wrap_socket(
-        sock, server_side=True, do_handshake_on_connect=False),
-        TLS_HANDSHAKE_TIMEOUT) is not None
+    return _tls_handshake(proxy, session, "client", lambda incoming, outgoing: context.wrap_bio(
+        incoming, outgoing, server_side=True), TLS_HANDSHAKE_TIMEOUT) is not None
 
 
 def tls_connect(proxy, listener, session, sock):
@@ -3329,168 +3427,224 @@ def tls_connect(proxy, listener, session, sock):
         return sock
     name = settings.upstream_sni or session.target[0]
 
-    def wrap(raw):
-        return proxy.tls.client_context(settings).wrap_socket(
-            raw, server_hostname=name, do_handshake_on_connect=False)
+    def wrap(incoming, outgoing):
+        return proxy.tls.client_context(settings).wrap_bio(
+            incoming, outgoing, server_hostname=name)
 
-    tls = _tls_handshake(proxy, session, "upstream", wrap, proxy.connect_timeout, name)
-    if tls is None and session.closed_reason == "upstream TLS handshake failed":
-        proxy.registry.count_failed(session.listen_port, "tls")
-    return tls
+    if _tls_handshake(proxy, session, "upstream", wrap, proxy.connect_timeout, name) is None:
+        if session.closed_reason == "upstream TLS handshake failed":
+            proxy.registry.count_failed(session.listen_port, "tls")
+        return None
+    return sock
 
 
 def tls_pump(session, src, dst, up, proxy):
     """pump() for a session with TLS on either side: poll, read what is
-    there (on an SSLSocket, every record already in, up to a buffer),
-    write it all.  Bytes OpenSSL has decrypted already are invisible to
-    poll(): pending() is asked first.  EOF becomes close_notify (TLS 1.3,
-    where a peer may go on sending) or a FIN; a TLS error resets the
-    session."""
+    there, write it all.  The sockets are read and written with their own
+    methods (libc I/O, see _LibcIO, measured slower here: twice the
+    context switches per request); a TLS side
+    passes through its _TlsEnd: what was read goes into ``incoming`` and
+    the records complete in it are decrypted into the buffer (up to the
+    buffer's size: then the rest is decrypted before the next poll()),
+    what is written is encrypted into ``outgoing`` and sent.  EOF becomes
+    close_notify or a FIN (see _tls_end_of_stream); a TLS error resets
+    the session."""
     idle_timeout = proxy.idle_timeout
     wait_ms = int(min(idle_timeout, 5.0) * 1000) if idle_timeout else None
     poller = select.poll()
     poller.register(src, select.POLLIN | select.POLLPRI)
     poll = poller.poll
-    src_lock = getattr(src, "tls_lock", None) or _NO_LOCK
-    dst_lock = getattr(dst, "tls_lock", None) or _NO_LOCK
-    src_tls = src_lock is not _NO_LOCK
-    send = _tls_sender(dst, dst_lock) if dst_lock is not _NO_LOCK else dst.sendall
-    recv_into = src.recv_into
+    from_side, to_side = ("client", "upstream") if up else ("upstream", "client")
+    ends = session.tls_ends
+    src_end, dst_end = ends.get(from_side), ends.get(to_side)
+    recv_into, src_sendall = src.recv_into, src.sendall
+    send = _plain_sender(dst) if dst_end is None else _tls_sender(dst_end, dst)
+    more = src_end is not None and src_end.incoming.pending > 0   # sent with the handshake's end
     buffers = proxy.buffers
     get_buffer, put_buffer, size = buffers.get, buffers.put, buffers.size
-    from_side, to_side = ("client", "upstream") if up else ("upstream", "client")
     monotonic = time.monotonic
     while True:
-        ready = False
-        if src_tls:
-            with src_lock:
-                ready = src.pending()
-        if not ready and not poll(wait_ms):
+        if not more and not poll(wait_ms):
             if monotonic() - session.last_active >= idle_timeout:
                 session.abort("idle timeout")
                 return
             continue
         entry = get_buffer()
-        view = memoryview(entry[0])
         eof = False
-        n = 0
         try:
-            try:
-                with src_lock:
-                    n = recv_into(view)
-                # A full record: more may be in; read them too, for one write.
-                while src_tls and n >= TLS_RECORD and size - n >= TLS_RECORD:
-                    with src_lock:
-                        got = recv_into(view[n:])
-                    if not got:
-                        eof = True
-                        break
-                    n += got
-            except (ssl.SSLWantReadError, ssl.SSLWantWriteError, BlockingIOError,
-                    InterruptedError):
-                if not n:
-                    continue
-            except ssl.SSLZeroReturnError:     # close_notify after ours
+            n = 0 if more else recv_into(entry[0], size)
+            if src_end is not None:
+                if not n and not more:
+                    eof = True               # a FIN, with or without close_notify
+                else:
+                    n, more, eof = _tls_decrypt(src_end, entry[0], n, size, src_sendall)
+            elif not n:
                 eof = True
-            except OSError as exc:
-                _tls_failed(session, exc, from_side)
-                return
-            if n:
-                try:
-                    send(view[:n])
-                except OSError as exc:
-                    _tls_failed(session, exc, to_side)
-                    return
-        finally:
-            view.release()
+        except (BlockingIOError, InterruptedError):
             put_buffer(entry)
-        if not n or eof:
-            _tls_end_of_stream(session, dst, dst_lock)
-            return
-        _count(session, up, n, monotonic())
-
-
-def _count(session, up, n, now):
-    """*n* bytes moved (pump() does this inline: it is its hot loop)."""
-    if up:
-        session.bytes_up += n
-        session.last_up = now
-    else:
-        session.bytes_down += n
-        session.last_down = now
-
-
-def _tls_sender(sock, lock):
-    """sendall() for a non-blocking SSLSocket: each try holds *lock*;
-    waiting for room does not."""
-    poller = select.poll()
-    poller.register(sock, select.POLLOUT)
-    wait, send = poller.poll, sock.send
-
-    def sendall(view):
-        while view:
-            try:
-                with lock:
-                    sent = send(view)      # all of it, or WANT_WRITE: retry the same
-            except (ssl.SSLWantWriteError, ssl.SSLWantReadError, BlockingIOError):
-                wait(1000)
-                continue
-            view = view[sent:]
-    return sendall
-
-
-TLS_QUIET = 0.05                   # close_notify waits for the peer to be this quiet
-
-
-def _tls_close_notify(session, sock, lock):
-    """Half-close an SSLSocket: send close_notify; the peer may go on
-    sending (TLS 1.3; a TLS 1.2 peer usually closes).  unwrap() is
-    Python's only way to send it, and it calls SSL_shutdown() twice: the
-    second call reads, and drops a record of the peer's data if one is
-    there.  So it is sent only once the peer has been quiet for TLS_QUIET
-    seconds (the other pump drains what comes meanwhile) -- a peer that
-    answers after the request's end has sent all it had.  Runs on the pump
-    that reached EOF, which has nothing else to do."""
-    waiter = select.poll()
-    waiter.register(sock, select.POLLIN)
-    pause = threading.Event()
-    while session.closed_reason is None and session.pumps > 1:
-        if waiter.poll(TLS_QUIET * 1000):
-            pause.wait(TLS_QUIET / 10)     # data: the other pump is reading it
             continue
-        with lock:
-            if sock.pending() or waiter.poll(0):
-                continue
+        except OSError as exc:
+            put_buffer(entry)
+            _tls_failed(session, exc, from_side)
+            return
+        if n:
             try:
-                sock.unwrap()
-            except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
-                pass                       # sent; the peer's comes with its EOF
-            except (OSError, ValueError):
-                pass
-        return
+                send(entry, n)
+            except OSError as exc:
+                put_buffer(entry)
+                _tls_failed(session, exc, to_side)
+                return
+        put_buffer(entry)
+        if eof:
+            _tls_end_of_stream(session, dst, dst_end)
+            return
+        if up:
+            session.bytes_up += n
+            session.last_up = monotonic()
+        else:
+            session.bytes_down += n
+            session.last_down = monotonic()
 
 
-def _tls_end_of_stream(session, dst, lock):
-    """_end_of_stream() where *dst* may be an SSLSocket: close_notify
-    (see _tls_close_notify); once the other way is done too, unwrap() ends
-    the TLS cleanly before the close."""
+def _tls_decrypt(end, buf, n, size, sendall):
+    """Put the *n* bytes read into *buf* into *end*'s ``incoming`` and
+    decrypt what is complete there back into *buf*, while a whole record
+    fits.  Returns (bytes decrypted, more left in ``incoming``, EOF:
+    close_notify).  A read that made OpenSSL write (a key update's
+    answer) sends it if no one else is sending (see _tls_flush)."""
+    incoming, outgoing = end.incoming, end.outgoing
+    read = end.obj._sslobj.read          # the C object: SSLObject.read() is one more frame
+    eof = False
+    got = 0
+    with end.lock:
+        if n:
+            with memoryview(buf) as view:
+                incoming.write(view[:n])
+        written = outgoing.pending
+        try:
+            got = read(size, buf)
+            if not got:
+                eof = True
+            elif incoming.pending and size - got >= TLS_RECORD:
+                got, eof = _tls_decrypt_more(end, buf, got, size)
+        except ssl.SSLWantReadError:
+            pass                             # the rest of a record is still on its way
+        except ssl.SSLZeroReturnError:
+            eof = True
+        more = incoming.pending > 0 and not eof
+        written = outgoing.pending > written
+    if written:
+        _tls_flush(end, sendall, False)
+    return got, more, eof
+
+
+def _tls_decrypt_more(end, buf, got, size):
+    """_tls_decrypt() past the first record (under ``end.lock``)."""
+    incoming, read = end.incoming, end.obj._sslobj.read
+    with memoryview(buf) as view:
+        try:
+            while incoming.pending and size - got >= TLS_RECORD:
+                n = read(size - got, view[got:])
+                if not n:
+                    return got, True
+                got += n
+        except ssl.SSLWantReadError:
+            pass
+        except ssl.SSLZeroReturnError:
+            return got, True
+    return got, False
+
+
+def _tls_flush(end, sendall, wait=True):
+    """Send what OpenSSL wrote into *end*'s ``outgoing``, in order: one
+    thread at a time holds ``send_lock`` and sends until it is empty.
+    *wait* False (a reader): when another thread holds it, leave the bytes
+    to that one, which looks again once it lets go."""
+    outgoing, lock, send_lock = end.outgoing, end.lock, end.send_lock
+    while outgoing.pending:
+        if not send_lock.acquire(wait):
+            return
+        try:
+            while outgoing.pending:
+                with lock:
+                    data = outgoing.read()
+                sendall(data)
+        finally:
+            send_lock.release()
+
+
+def _plain_sender(sock):
+    """send(entry, n): sendall() of a pooled buffer's first *n* bytes."""
+    sendall = sock.sendall
+
+    def send(entry, n):
+        with memoryview(entry[0]) as view:
+            sendall(view[:n])
+    return send
+
+
+def _tls_sender(end, sock):
+    """send(entry, n) through *end*: encrypt a pooled buffer's first *n*
+    bytes into ``outgoing`` (in memory: it never waits) and send them,
+    holding ``send_lock`` (see _tls_flush) from the one to the other."""
+    write, lock, sendall = end.obj._sslobj.write, end.lock, sock.sendall
+    send_lock, outgoing = end.send_lock, end.outgoing
+
+    def send(entry, n):
+        with send_lock:
+            with memoryview(entry[0]) as view, lock:
+                write(view[:n])
+                data = outgoing.read()
+            sendall(data)
+        if outgoing.pending:                 # a reader's, left to us (see _tls_flush)
+            _tls_flush(end, sendall)
+    return send
+
+
+def _tls_end_of_stream(session, dst, end):
+    """_end_of_stream() where *dst* may have TLS (*end*): its half-close is
+    close_notify (the TLS 1.3 half-close; a TLS 1.2 peer usually closes),
+    sent at once: it is written in memory, under the lock, when no record
+    of the peer's is left in ``incoming`` (so SSL_shutdown(), which reads
+    after writing, finds none to drop) and the peer may go on sending.
+    Once the other way is done too, close_notify ends the TLS before the
+    close."""
     if session.closed_reason is not None:
         return
-    if lock is _NO_LOCK:
-        if session.pumps > 1:
+    last = session.pumps <= 1
+    if end is None:
+        if not last:
             try:
                 dst.shutdown(socket.SHUT_WR)
             except OSError:
                 pass
         return
-    if session.pumps > 1:
-        _tls_close_notify(session, dst, lock)
+    pause, delay = None, 0.001
+    while session.closed_reason is None:
+        with end.lock:
+            if last or not end.incoming.pending:
+                try:
+                    end.obj.unwrap()
+                except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+                    pass                     # written; the peer's comes with its EOF
+                except (OSError, ValueError):
+                    return
+                break
+        # The other pump is decrypting (a moment), or waits for its reader
+        # to take what it decrypted: look again, less and less often.
+        pause = pause or threading.Event()
+        pause.wait(delay)
+        delay = min(delay * 2, TLS_CLOSE_WAIT)
+    else:
         return
-    with lock:
-        try:
-            dst.unwrap()
-        except (OSError, ValueError):
-            pass                           # sent, or the peer is gone: close() follows
+    if last:
+        with end.lock:
+            _send_quietly(dst, end.outgoing.read())
+        return
+    try:
+        _tls_flush(end, dst.sendall)
+    except OSError:
+        pass                                 # the other pump sees the error
 
 
 def _tls_failed(session, exc, side):
@@ -4764,11 +4918,11 @@ def build_parser(environ=None):
         help="TLS to the upstream (verified: system CAs or --upstream-ca; the target "
              "name is the SNI and the name checked)")
     add("--upstream-ca", metavar="FILE", help="CA certificates (PEM) to verify upstreams "
-        "with, instead of the system's")
+        "with, instead of the system's (re-read on change and on SIGHUP)")
     add("--upstream-sni", metavar="NAME", help="server name to send and verify instead of "
         "the target's")
     add("--upstream-cert", metavar="FILE", help="client certificate (PEM) for the upstream "
-        "(mutual TLS)")
+        "(mutual TLS; re-read on change and on SIGHUP)")
     add("--upstream-key", metavar="FILE", help="its key (default: in --upstream-cert)")
     add("--tls-cert", metavar="FILE", help="serve clients TLS with this certificate chain "
         "(PEM; re-read on change and on SIGHUP)")
@@ -5157,7 +5311,8 @@ def _reload(poller, notifier, backend):
 
 def check_config(args):
     """``tcpproxy check [flags]`` (or ``--check``): load the configured
-    backend once and print the mappings it would serve; bind nothing.
+    backend once and print the mappings it would serve, with their TLS
+    settings (whose files are loaded, as the proxy would); bind nothing.
     Returns 0, or 2 with the same error lines the proxy would log."""
     logging.basicConfig(level=logging.ERROR if args.debug == 0 else DEBUG_LEVELS[args.debug],
                         format="tcpproxy: %(levelname)s: %(message)s")
@@ -5170,6 +5325,8 @@ def check_config(args):
         check_unique_ports([(m.spec, m) for m in mappings], args.listen_address)
     except ProxyError as exc:
         return _fail(exc)
+    problems = dict(problems)
+    tls = TlsContexts(args.tls)
     for mapping in sorted(mappings, key=lambda m: _key_order(m.key)):
         extra = []
         if mapping.allow:
@@ -5182,12 +5339,38 @@ def check_config(args):
             extra.append("accept_proxy=true")
         if mapping.dns_family:
             extra.append("dns_family=" + mapping.dns_family)
+        settings = tls.settings(mapping)                   # TLS
+        extra.extend(_tls_check_fields(mapping, settings))
+        try:
+            tls.settings(mapping, load=True)
+        except ConfigError as exc:
+            problems[mapping.spec] = str(exc)
         sys.stdout.write(" ".join([mapping.spec] + extra) + "\n")
     for label, reason in sorted(problems.items()):
         sys.stderr.write("tcpproxy: error: %s: %s\n" % (label, reason))
     sys.stdout.write("%s backend: %d mapping(s)%s\n" % (
         args.backend, len(mappings), ", %d problem(s)" % len(problems) if problems else ""))
     return 2 if problems else 0
+
+
+def _tls_check_fields(mapping, settings):
+    """What ``check`` prints of a mapping's TLS *settings* (none for plain
+    TCP): origination on or off with its CA, server name and client
+    certificate; termination's certificate and key."""
+    if settings is None:
+        return []
+    out = ["upstream_tls=%s" % ("on" if settings.upstream_tls else "off")]
+    if settings.upstream_tls:
+        out.append("upstream_ca=%s" % (settings.upstream_ca or "system"))
+        out.append("upstream_sni=%s" % (settings.upstream_sni or mapping.host))
+        if settings.upstream_cert:
+            out.append("upstream_cert=%s" % settings.upstream_cert)
+        if settings.upstream_key:
+            out.append("upstream_key=%s" % settings.upstream_key)
+    if settings.tls_cert:
+        out.append("tls_cert=%s" % settings.tls_cert)
+        out.append("tls_key=%s" % (settings.tls_key or settings.tls_cert))
+    return out
 
 
 def health(argv):

@@ -1,9 +1,11 @@
 """TLS: origination (--upstream-tls) to a TLS-only redis-server and a
 Python TLS echo server, termination (--tls-cert/--tls-key) in front of a
 plain redis-server and echo server, half-close and 50 MB both ways through
-each, refusals (wrong CA, wrong name) with their reason, certificate
-rotation by SIGHUP under an open connection, and what /status,
-/connections and /metrics show.  Loopback only; certificates from the
+each, a half-close while the upstream streams on, refusals (wrong CA,
+wrong name) with their reason, rotation of the certificate, of the
+upstream CA and of the client certificate (SIGHUP, file change) under an
+open connection, what /status, /connections and /metrics show, and what
+``tcpproxy check`` prints.  Loopback only; certificates from the
 ``tls_certs`` fixture and ``peers.make_certs``."""
 
 import hashlib
@@ -14,11 +16,12 @@ import signal
 import socket
 import ssl
 import threading
+import time
 
 import pytest
 
 import tcpproxy
-from helpers import LOOP4, EchoServer, free_port, http, http_json, wait_until
+from helpers import LOOP4, EchoServer, free_port, http, http_json, run_cli, wait_until
 from peers import make_certs, need, run
 from test_status import check_schema
 
@@ -289,6 +292,116 @@ def test_origination_half_close_and_50mb(tls_echo, tls_certs, start_proxy):
     assert "TLS error" not in proxy.stderr()
 
 
+class StreamingTlsServer:
+    """A TLS server for one client that streams 16 KiB records to it
+    without a pause until the client's close_notify comes, then sends
+    b"END" and its own close_notify and closes (one thread, memory BIOs,
+    so that it reads while it writes).  ``result``: what it received
+    before the close_notify and how many bytes it had streamed."""
+
+    def __init__(self, certs):
+        self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self.context.load_cert_chain(str(certs.cert), str(certs.key))
+        self.listener = socket.create_server((LOOP4, 0))
+        self.port = self.listener.getsockname()[1]
+        self.result = None
+        self.thread = threading.Thread(target=self._serve, name="StreamingTlsServer")
+        self.thread.start()
+
+    def _serve(self):
+        self.listener.settimeout(30)
+        conn, _ = self.listener.accept()
+        incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        tls = self.context.wrap_bio(incoming, outgoing, server_side=True)
+        record = b"x" * 16384
+        received, sent, out, handshaken = bytearray(), 0, b"", False
+        with conn, selectors.DefaultSelector() as sel:
+            conn.setblocking(False)
+            sel.register(conn, selectors.EVENT_READ)
+            while True:
+                if not handshaken:
+                    try:
+                        tls.do_handshake()
+                        handshaken = True
+                    except ssl.SSLWantReadError:
+                        pass
+                if handshaken and not out and outgoing.pending < CHUNK:
+                    sent += tls.write(record)
+                out = out or outgoing.read()
+                if out:
+                    try:
+                        out = out[conn.send(out):]
+                    except BlockingIOError:
+                        pass
+                sel.modify(conn, selectors.EVENT_READ | (selectors.EVENT_WRITE if out or handshaken else 0))
+                if not sel.select(30):
+                    return
+                try:
+                    data = conn.recv(CHUNK)
+                except BlockingIOError:
+                    continue
+                if not data:
+                    return                     # a FIN without close_notify: no result
+                incoming.write(data)
+                try:
+                    while handshaken:
+                        data = tls.read(CHUNK)
+                        if not data:
+                            raise ssl.SSLZeroReturnError()
+                        received += data
+                except ssl.SSLWantReadError:
+                    continue
+                except ssl.SSLZeroReturnError:     # close_notify
+                    self.result = {"received": bytes(received), "sent": sent}
+                    tls.write(b"END")
+                    try:
+                        tls.unwrap()
+                    except ssl.SSLWantReadError:
+                        pass
+                    conn.setblocking(True)
+                    conn.sendall(out + outgoing.read())
+                    return
+
+    def close(self):
+        self.listener.close()
+        self.thread.join(30)
+        assert not self.thread.is_alive()
+
+
+def test_half_close_reaches_a_peer_that_streams_on(tls_certs, start_proxy):
+    """The client's half-close becomes close_notify at once, even while the
+    upstream streams without a pause (close_notify is written in memory,
+    between two records, so nothing the upstream sends is lost): the
+    upstream sees the request and then the close_notify, and everything
+    it streamed, then b"END", reaches the client before the EOF."""
+    server = StreamingTlsServer(tls_certs)
+    try:
+        port = free_port()
+        start_proxy("%d:localhost:%d" % (port, server.port),
+                    extra=["--upstream-tls", "--upstream-ca", tls_certs.ca])
+        total, tail = 0, b""
+        with socket.create_connection((LOOP4, port), timeout=30) as sock:
+            sock.sendall(b"request")
+            while total < 4 * 1024 * 1024:         # the stream flows
+                total += len(sock.recv(CHUNK))
+            sock.shutdown(socket.SHUT_WR)
+            deadline = time.monotonic() + 30
+            while True:
+                assert time.monotonic() < deadline, "no EOF: the upstream saw no close_notify"
+                data = sock.recv(CHUNK)
+                if not data:
+                    break
+                total += len(data)
+                tail = (tail + data)[-3:]
+        server.thread.join(30)
+        assert server.result is not None, "the upstream saw no close_notify"
+        assert server.result["received"] == b"request"
+        assert tail == b"END"
+        assert total == server.result["sent"] + 3
+    finally:
+        server.close()
+
+
 # -- termination ---------------------------------------------------------------
 
 def test_redis_cli_tls_to_terminating_mapping(redis, tls_certs, start_proxy):
@@ -406,6 +519,148 @@ def test_certificate_rotation_by_sighup(tls_certs, tmp_path, start_proxy):
             assert again.recv(4) == b"four"
 
 
+def ping(sock):
+    """Redis PING on an open connection: the reply (b"" when it closed)."""
+    sock.sendall(b"PING\r\n")
+    reply = b""
+    while not reply.endswith(b"\r\n"):
+        data = sock.recv(64)
+        if not data:
+            break
+        reply += data
+    return reply
+
+
+def ping_new(port):
+    """PING on a new connection to the proxy's *port*: the reply, or None
+    when the proxy closed it (its TLS handshake upstream failed)."""
+    try:
+        with socket.create_connection((LOOP4, port), timeout=10) as sock:
+            return ping(sock) or None
+    except OSError:
+        return None
+
+
+def test_upstream_ca_rotation(redis_tls, tls_certs, tmp_path, start_proxy):
+    """The TLS redis-server moves to a certificate from another CA: new
+    connections are refused until the proxy's --upstream-ca file follows;
+    once it is replaced, new connections verify against the new CA (on the
+    file's change alone, and on SIGHUP) while a connection opened before
+    keeps working.  A broken CA file keeps the CA in force, with a warning
+    in /status and a single log line."""
+    live = tmp_path / "live"
+    live.mkdir()
+    ca = live / "ca.crt"
+    shutil.copy(tls_certs.ca, ca)
+    (tmp_path / "new").mkdir()
+    new = make_certs(tmp_path / "new")
+    port = free_port()
+    proxy = start_proxy("%d:localhost:%d" % (port, redis_tls.port),
+                        extra=["--upstream-tls", "--upstream-ca", ca, "--debug", "1"])
+    pong = b"+PONG\r\n"
+    with socket.create_connection((LOOP4, port), timeout=10) as before:
+        assert ping(before) == pong
+        result = redis_cli(redis_tls.port, "CONFIG", "SET", "tls-cert-file", new.cert,
+                           "tls-key-file", new.key, tls_ca=tls_certs.ca)
+        assert result.stdout.strip() == "OK", result
+        assert ping_new(port) is None                  # the old CA cannot verify it
+        assert metric(proxy, "tcpproxy_tls_handshake_failures_total", mapping=port,
+                      side="upstream", reason="verify") == 1
+        # the file changes: new connections verify against the new CA
+        shutil.copy(new.ca, ca)
+        wait_until(lambda: ping_new(port) == pong, message=proxy.stderr)
+        assert "TLS: re-read upstream CA %s" % ca in proxy.stderr()
+        assert ping(before) == pong                    # the open one: untouched
+        # back to the first CA, by SIGHUP (no connection asks meanwhile)
+        result = redis_cli(redis_tls.port, "CONFIG", "SET", "tls-cert-file", tls_certs.cert,
+                           "tls-key-file", tls_certs.key, tls_ca=new.ca)
+        assert result.stdout.strip() == "OK", result
+        shutil.copy(tls_certs.ca, ca)
+        proxy.send_signal(signal.SIGHUP)
+        wait_until(lambda: proxy.stderr().count("TLS: re-read upstream CA") == 2,
+                   message=proxy.stderr)
+        assert ping_new(port) == pong
+        assert ping(before) == pong
+        # a broken CA file: the CA in force stays, /status warns, logged once
+        ca.write_text("not a certificate\n")
+        proxy.send_signal(signal.SIGHUP)
+        status = wait_until(lambda: (lambda s: s if any(
+            "cannot load the upstream TLS files" in w for w in s["warnings"]) else None)(
+            http_json(proxy.status_address, "/status?format=json")))
+        assert any(str(ca) in w and "stays" in w for w in status["warnings"])
+        assert ping_new(port) == pong
+        proxy.send_signal(signal.SIGHUP)
+        wait_until(lambda: proxy.stderr().count("static backend has nothing to reload") == 3,
+                   message=proxy.stderr)
+        assert proxy.stderr().count("cannot load the upstream TLS files") == 1
+        assert ping_new(port) == pong
+        assert ping(before) == pong
+        # fixed: the warning goes
+        shutil.copy(tls_certs.ca, ca)
+        proxy.send_signal(signal.SIGHUP)
+        wait_until(lambda: not http_json(proxy.status_address, "/status?format=json")
+                   ["warnings"], message=proxy.stderr)
+        assert ping_new(port) == pong
+
+
+def make_client_cert(certs, dir):
+    """A client certificate (extendedKeyUsage clientAuth) and its key,
+    signed by ``certs``' CA, in ``dir``: (cert, key)."""
+    dir.mkdir()
+    key, csr, cert, ext = (dir / "client.key", dir / "client.csr", dir / "client.crt",
+                           dir / "client.ext")
+    ext.write_text("extendedKeyUsage=clientAuth\n")
+    openssl = need("openssl", "openssl")
+    for argv in (["req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+                  "-nodes", "-keyout", key, "-out", csr, "-subj", "/CN=tcpproxy client"],
+                 ["x509", "-req", "-in", csr, "-CA", certs.ca, "-CAkey", certs.ca_key,
+                  "-CAcreateserial", "-out", cert, "-days", "2", "-extfile", ext]):
+        result = run([openssl] + argv)
+        assert result.returncode == 0, result.stderr
+    return cert, key
+
+
+def test_upstream_client_certificate_rotation(redis_tls, tls_certs, tmp_path, start_proxy):
+    """Mutual TLS: redis-server requires a client certificate from its CA.
+    The proxy's --upstream-cert/--upstream-key files hold one from another
+    CA (refused); once they are replaced by a good one, new connections
+    get through (on the files' change, no signal), and the one in force
+    stays when the new files are broken."""
+    result = redis_cli(redis_tls.port, "CONFIG", "SET", "tls-auth-clients", "yes",
+                       tls_ca=tls_certs.ca)
+    assert result.stdout.strip() == "OK", result
+    (tmp_path / "other").mkdir()
+    other = make_certs(tmp_path / "other")
+    bad_cert, bad_key = make_client_cert(other, tmp_path / "bad-client")
+    good_cert, good_key = make_client_cert(tls_certs, tmp_path / "good-client")
+    live = tmp_path / "live"
+    live.mkdir()
+    cert, key = live / "client.crt", live / "client.key"
+    shutil.copy(bad_cert, cert)
+    shutil.copy(bad_key, key)
+    port = free_port()
+    proxy = start_proxy("%d:localhost:%d" % (port, redis_tls.port), extra=[
+        "--upstream-tls", "--upstream-ca", tls_certs.ca, "--upstream-cert", cert,
+        "--upstream-key", key, "--debug", "1"])
+    pong = b"+PONG\r\n"
+    assert ping_new(port) is None                      # redis refuses the certificate
+    shutil.copy(good_cert, cert)
+    shutil.copy(good_key, key)
+    wait_until(lambda: ping_new(port) == pong, message=proxy.stderr)
+    assert "TLS: re-read upstream CA %s, certificate %s" % (tls_certs.ca, cert) \
+        in proxy.stderr()
+    with socket.create_connection((LOOP4, port), timeout=10) as before:
+        assert ping(before) == pong
+        key.write_text("not a key\n")
+        proxy.send_signal(signal.SIGHUP)
+        status = wait_until(lambda: (lambda s: s if any(
+            "cannot load the upstream TLS files" in w for w in s["warnings"]) else None)(
+            http_json(proxy.status_address, "/status?format=json")))
+        assert any("%s: no PEM private key in it" % key in w for w in status["warnings"])
+        assert ping_new(port) == pong
+        assert ping(before) == pong
+
+
 # -- configuration -------------------------------------------------------------
 
 def test_mapping_tls_fields_are_validated():
@@ -446,3 +701,60 @@ def test_bad_tls_files_stop_the_cli(tmp_path, proxy_cli):
     assert p.wait(20) == 2
     assert "cannot load TLS certificate" in p.stderr()
     assert os.path.basename(str(missing)) in p.stderr()
+
+
+# -- tcpproxy check ------------------------------------------------------------
+
+def test_check_prints_tls_settings(tls_certs, tmp_path):
+    """``tcpproxy check`` shows each mapping's TLS settings, the mapping's
+    own over the command line's, and nothing for a plain one."""
+    pytest.importorskip("yaml")
+    path = tmp_path / "mappings.yaml"
+    path.write_text(
+        "mappings:\n"
+        "  - {listen: 8001, target: 'db.example.com:5432'}\n"
+        "  - listen: 8002\n    target: cache.example.com:6379\n    upstream_tls: true\n"
+        "    upstream_ca: %s\n    upstream_sni: primary.example.com\n"
+        "    upstream_cert: %s\n    upstream_key: %s\n"
+        "  - listen: 8003\n    target: 127.0.0.1:6379\n    tls_cert: %s\n    tls_key: %s\n"
+        % (tls_certs.ca, tls_certs.cert, tls_certs.key, tls_certs.cert, tls_certs.key))
+    result = run_cli(["check", "--backend", "file", "--config", path])
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0] == "8001:db.example.com:5432"
+    assert lines[1] == ("8002:cache.example.com:6379 upstream_tls=on upstream_ca=%s "
+                        "upstream_sni=primary.example.com upstream_cert=%s upstream_key=%s"
+                        % (tls_certs.ca, tls_certs.cert, tls_certs.key))
+    assert lines[2] == "8003:127.0.0.1:6379 upstream_tls=off tls_cert=%s tls_key=%s" % (
+        tls_certs.cert, tls_certs.key)
+    # the command line's: the SNI is the target's name, the CAs the system's
+    result = run_cli(["check", "--connections", "8004:cache.example.com:6379", "--upstream-tls",
+                      "--tls-cert", tls_certs.cert, "--tls-key", tls_certs.key])
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[0] == (
+        "8004:cache.example.com:6379 upstream_tls=on upstream_ca=system "
+        "upstream_sni=cache.example.com tls_cert=%s tls_key=%s" % (tls_certs.cert, tls_certs.key))
+
+
+@pytest.mark.parametrize("flags, reason", [
+    (["--upstream-tls", "--upstream-ca", "{missing}"], "{missing}: No such file or directory"),
+    (["--upstream-tls", "--upstream-ca", "{dir}"], "{dir}: Is a directory"),
+    (["--upstream-tls", "--upstream-ca", "{key}"], "{key}: no PEM certificate in it"),
+    (["--upstream-tls", "--upstream-cert", "{cert}"], "{cert}: no PEM private key in it"),
+    (["--tls-cert", "{garbage}"], "{garbage}: no PEM certificate in it"),
+    (["--tls-cert", "{cert}", "--tls-key", "{ca_key}"], "the key does not match the certificate"),
+])
+def test_check_reports_bad_tls_files(flags, reason, tls_certs, tmp_path):
+    """A TLS file that cannot be read or is not what it should be: ``check``
+    exits 2 with one line naming the mapping, the file and why."""
+    names = {"missing": tmp_path / "missing.pem", "dir": tmp_path, "key": tls_certs.key,
+             "cert": tls_certs.cert, "garbage": tmp_path / "garbage.pem",
+             "ca_key": tls_certs.ca_key}
+    names["garbage"].write_text("not a certificate\n")
+    result = run_cli(["check", "--connections", "8002:localhost:6379"]
+                     + [flag.format(**names) for flag in flags])
+    assert result.returncode == 2, result
+    errors = result.stderr.splitlines()
+    assert len(errors) == 1 and errors[0].startswith("tcpproxy: error: 8002:localhost:6379: "), errors
+    assert errors[0].endswith(reason.format(**names)), errors
+    assert "static backend: 1 mapping(s), 1 problem(s)" in result.stdout

@@ -13,6 +13,7 @@ request/reply: requests/s and p99 latency).  Peers take turns; each row
 is the median of --repeat rounds.  Prints a markdown table.
 
     python3 tests/perf/tls_bench.py [--seconds 5] [--repeat 3] [--cpus auto]
+        [--baseline OLD_TCPPROXY_PY]
 """
 
 import argparse
@@ -77,9 +78,10 @@ listen sink
     return proc, ports
 
 
-def peer_argv(name, d, certs, listen, upstream, cpus):
-    if name == "tcpproxy":
-        return [sys.executable, str(REPO / "tcpproxy.py"), "--connections",
+def peer_argv(name, d, certs, listen, upstream, cpus, baseline=None):
+    if name in ("tcpproxy", "baseline"):
+        script = baseline if name == "baseline" else str(REPO / "tcpproxy.py")
+        return [sys.executable, script, "--connections",
                 "%d:localhost:%d" % (listen, upstream), "--upstream-tls", "--upstream-ca",
                 str(certs.ca), "--status", "off", "--cpus", cpus]
     if name == "stunnel4":
@@ -101,7 +103,8 @@ def measure(helper, name, d, certs, upstreams, args):
     for workload, upstream in (("bulk", upstreams[1]), ("pingpong", upstreams[0])):
         listen = pb.free_port()
         proc = start("%s-%s" % (name, workload),
-                     peer_argv(name, d, certs, listen, upstream, args.cpus), listen, d)
+                     peer_argv(name, d, certs, listen, upstream, args.cpus, args.baseline),
+                     listen, d)
         try:
             if workload == "bulk":
                 r = helper.run(["bulk", pb.LOOPBACK, listen, 1, args.seconds], args.seconds + 30)
@@ -122,7 +125,12 @@ def main(argv=None):
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--cpus", default="auto", help="tcpproxy's --cpus (default auto)")
     ap.add_argument("--peers", default="tcpproxy,stunnel4,haproxy")
+    ap.add_argument("--baseline", metavar="TCPPROXY_PY",
+                    help="another tcpproxy.py (e.g. from git show main:tcpproxy.py) run as "
+                    "the peer 'baseline', taking turns with the others")
     args = ap.parse_args(argv)
+    if args.baseline and "baseline" not in args.peers.split(","):
+        args.peers = "baseline," + args.peers
     for tool in ("haproxy", "stunnel4", "openssl"):
         if not shutil.which(tool):
             sys.exit("tls_bench needs %s" % tool)
