@@ -16,7 +16,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from dnsserver import DNSServer  # noqa: E402
 from helpers import (  # noqa: E402
-    LOOP4, PUMPS, EchoServer, MotoEndpoint, ProxyProcess, free_port, run_proxy_cli, wait_until,
+    LOOP4, PUMPS, EchoServer, MotoEndpoint, ProxyProcess, echo_pair, free_port, run_proxy_cli,
+    wait_until,
 )
 
 # Real PostgreSQL, Redis, HAProxy and Prometheus servers (tests/peers.py).
@@ -73,16 +74,7 @@ def upstream_pair():
     """Echo upstreams on 127.0.0.2:P (banner b"A") and 127.0.0.3:P (b"B"):
     one target port, two addresses, to tell which address a connection
     reached."""
-    for _ in range(20):
-        a = EchoServer(host="127.0.0.2", banner=b"A")
-        try:
-            b = EchoServer(host="127.0.0.3", port=a.port, banner=b"B")
-        except OSError:
-            a.close()
-            continue
-        break
-    else:
-        pytest.fail("no common port free on 127.0.0.2 and 127.0.0.3")
+    a, b = echo_pair(("127.0.0.2", b"A"), ("127.0.0.3", b"B"))
     try:
         yield a, b
     finally:

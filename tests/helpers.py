@@ -775,6 +775,21 @@ class EchoServer(_LoopServer):
             self.listener = None
 
 
+def echo_pair(first, second):
+    """Two EchoServers on one port at two addresses: *first* and *second*
+    are (host, banner).  Returns (a, b); tells which address a connection
+    reached."""
+    for _ in range(20):
+        a = EchoServer(host=first[0], banner=first[1])
+        try:
+            b = EchoServer(host=second[0], port=a.port, banner=second[1])
+        except OSError:
+            a.close()
+            continue
+        return a, b
+    raise AssertionError("no port free on both %s and %s" % (first[0], second[0]))
+
+
 class BulkServer:
     """Upstream that, per connection, sends ``payload`` and at the same time
     reads everything until EOF, recording the byte count and SHA-256.

@@ -12,7 +12,8 @@ import pytest
 
 import tcpproxy
 from dnsserver import DNSServer
-from helpers import LOOP4, EchoServer, banner_via, closed_promptly, free_port, spec, wait_until
+from helpers import (LOOP4, banner_via, closed_promptly, echo_pair, free_port, spec,
+                     wait_until)
 
 DUAL = "dual.example.test"
 V6ONLY = "v6only.example.test"
@@ -30,16 +31,7 @@ def names(dns_server):
 @pytest.fixture
 def dual_upstreams():
     """Echo upstreams on [::1]:P (banner b"6") and 127.0.0.2:P (b"4")."""
-    for _ in range(20):
-        six = EchoServer(host="::1", banner=b"6")
-        try:
-            four = EchoServer(host="127.0.0.2", port=six.port, banner=b"4")
-        except OSError:
-            six.close()
-            continue
-        break
-    else:
-        pytest.fail("no port free on both ::1 and 127.0.0.2")
+    six, four = echo_pair(("::1", b"6"), ("127.0.0.2", b"4"))
     try:
         yield four, six
     finally:

@@ -541,6 +541,17 @@ def ping_new(port):
         return None
 
 
+def upstream_files_warned(proxy):
+    """Wait until /status warns that upstream TLS files cannot be loaded;
+    return the /status JSON."""
+    def warned():
+        status = http_json(proxy.status_address, "/status?format=json")
+        if any("cannot load the upstream TLS files" in w for w in status["warnings"]):
+            return status
+        return None
+    return wait_until(warned, message=proxy.stderr)
+
+
 def test_upstream_ca_rotation(redis_tls, tls_certs, tmp_path, start_proxy):
     """The TLS redis-server moves to a certificate from another CA: new
     connections are refused until the proxy's --upstream-ca file follows;
@@ -584,9 +595,7 @@ def test_upstream_ca_rotation(redis_tls, tls_certs, tmp_path, start_proxy):
         # a broken CA file: the CA in force stays, /status warns, logged once
         ca.write_text("not a certificate\n")
         proxy.send_signal(signal.SIGHUP)
-        status = wait_until(lambda: (lambda s: s if any(
-            "cannot load the upstream TLS files" in w for w in s["warnings"]) else None)(
-            http_json(proxy.status_address, "/status?format=json")))
+        status = upstream_files_warned(proxy)
         assert any(str(ca) in w and "stays" in w for w in status["warnings"])
         assert ping_new(port) == pong
         proxy.send_signal(signal.SIGHUP)
@@ -653,9 +662,7 @@ def test_upstream_client_certificate_rotation(redis_tls, tls_certs, tmp_path, st
         assert ping(before) == pong
         key.write_text("not a key\n")
         proxy.send_signal(signal.SIGHUP)
-        status = wait_until(lambda: (lambda s: s if any(
-            "cannot load the upstream TLS files" in w for w in s["warnings"]) else None)(
-            http_json(proxy.status_address, "/status?format=json")))
+        status = upstream_files_warned(proxy)
         assert any("%s: no PEM private key in it" % key in w for w in status["warnings"])
         assert ping_new(port) == pong
         assert ping(before) == pong
