@@ -135,6 +135,7 @@ LISTEN_POLL_INTERVAL = 60.0        # listeners: a safety net, stop wakes them at
 REAP_INTERVAL = 0.2                # the housekeeping thread retires idle workers
 DEFAULT_CONNECT_ATTEMPTS = 3       # upstream addresses tried per client
 DEFAULT_DNS_MAX_TTL = 3600         # --dns-max-ttl
+PROXY_COALESCE_MAX = 16384        # --send-proxy: client bytes sent with the header
 DNS_FAMILIES = ("auto", "ipv4", "ipv6", "prefer-ipv4", "prefer-ipv6")   # --dns-family
 PREFETCH_SHARE = 0.1               # a name in use is looked up again in the last
 PREFETCH_MIN = 1.0                 # max(10% of its TTL, min(1 s, TTL/2))
@@ -2274,7 +2275,7 @@ def serve_client(proxy, listener, session, partner):
         elif listener.tls is None or tls_accept(proxy, listener, session):   # TLS: client
             upstream = connect_upstream(proxy, listener, session)
             if upstream is not None and session.proxy_protocol is not None:  # PROXY protocol
-                upstream = send_proxy_header(proxy, session, upstream)
+                upstream = send_proxy_header(proxy, session, upstream, listener.tls is None)
             if listener.tls is not None:                                      # TLS: upstream
                 upstream = tls_connect(proxy, listener, session, upstream)
             if upstream is None:
@@ -2857,7 +2858,8 @@ def pin_cpus(spec):
 # the v1 line's end), within PROXY_HEADER_TIMEOUT and a size bound; the allow
 # lists then judge the real client, which /connections and the logs show.
 # --send-proxy: after the upstream connect, one send of a v1 or v2 header
-# naming the client and the address it connected to.  Mappings without
+# naming the client and the address it connected to, with the client's
+# first bytes if they are there already (plain TCP on both sides).  Mappings without
 # either option pay one attribute check per connection.
 # Specification: https://www.haproxy.org/download/2.6/doc/proxy-protocol.txt
 
@@ -3035,17 +3037,31 @@ def proxy_header(version, source, destination):
             + struct.pack("!HH", source[1], destination[1]))
 
 
-def send_proxy_header(proxy, session, upstream):
+def send_proxy_header(proxy, session, upstream, coalesce=True):
     """--send-proxy: write the header on the just connected *upstream*,
     before any client byte; return *upstream*, or None when it failed (the
-    session aborted)."""
+    session aborted).  With *coalesce* (no TLS on either side) what the
+    client has sent already (a PostgreSQL startup packet, a Redis command)
+    goes in the same send: peeked, sent with the header, then consumed."""
     state = session.proxy_protocol
     version = state.mapping.send_proxy
     if not version:
         return upstream
     try:
-        local = state.local or session.client_sock.getsockname()
-        upstream.sendall(proxy_header(version, session.client, local))
+        client = session.client_sock
+        local = state.local or client.getsockname()
+        header = proxy_header(version, session.client, local)
+        first = b""
+        if coalesce:
+            try:
+                first = client.recv(PROXY_COALESCE_MAX, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+            except OSError:              # nothing yet, or an error the pump will meet
+                first = b""
+        upstream.sendall(header + first)
+        if first:
+            client.recv(len(first))      # the peeked bytes: all there, this thread alone reads
+            session.bytes_up += len(first)
+            session.last_up = time.monotonic()
         return upstream
     except OSError as exc:
         if session.closed_reason is None:

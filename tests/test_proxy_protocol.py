@@ -348,6 +348,30 @@ def test_accept_and_send_forward_the_headers_addresses(listener):
         assert proxy.registry.stats(details=True)[mapping.listen_port]["refused"] == 0
 
 
+def test_send_proxy_header_and_first_bytes_go_in_one_send(listener):
+    """The client's first bytes, there before the upstream connect (after
+    an accepted header they always are), leave in the same send as the
+    header: the upstream's first read returns both together."""
+    mapping = Mapping(free_port(), *listener.getsockname(), accept_proxy=True,
+                      send_proxy="v1")
+    payload = b"\x00\x00\x00\x08\x04\xd2\x16\x2f"      # a PostgreSQL SSLRequest
+    with Proxy([mapping], listen_host=LOOP4) as proxy:
+        for _ in range(5):
+            with connect((LOOP4, mapping.listen_port)) as s:
+                s.sendall(b"PROXY TCP4 192.0.2.8 10.0.0.5 40003 5432\r\n" + payload)
+                with accept(listener) as upstream:
+                    upstream.settimeout(5)
+                    first = upstream.recv(65536)
+                    assert first == b"PROXY TCP4 192.0.2.8 10.0.0.5 40003 5432\r\n" + payload
+                    upstream.sendall(b"N")
+                    assert recv_exact(s, 1) == b"N"
+                    s.sendall(b"more")
+                    assert recv_exact(upstream, 4) == b"more"
+        assert wait_until(lambda: proxy.registry.active() == 0)
+        stats = proxy.registry.stats()[mapping.listen_port]
+        assert stats["bytes_up"] == 5 * (len(payload) + 4), stats
+
+
 def test_send_proxy_v1_from_this_process(listener):
     mapping = Mapping(free_port(), *listener.getsockname(), send_proxy="v1")
     with Proxy([mapping], listen_host=LOOP4):
