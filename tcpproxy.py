@@ -820,7 +820,6 @@ class Mapping:
         if not host:
             raise ConfigError("invalid connection %s: missing host" % short_repr(text))
         try:
-            listen_host = check_listen_host(listen_host)
             lport = check_port(lport, "listen port")
             rport = check_port(rport, "target port")
         except ConfigError as exc:
@@ -943,11 +942,11 @@ def prefetch_window(ttl):
 def _ordered(addresses, family):
     """*addresses* (a sequence) as a list, the preferred family first for
     prefer-ipv4 / prefer-ipv6 (stable: DNS order within a family)."""
-    if family == "prefer-ipv6":
-        return [a for a in addresses if ":" in a] + [a for a in addresses if ":" not in a]
-    if family == "prefer-ipv4":
-        return [a for a in addresses if ":" not in a] + [a for a in addresses if ":" in a]
-    return list(addresses)
+    if family not in ("prefer-ipv4", "prefer-ipv6"):
+        return list(addresses)
+    preferred = family[len("prefer-"):]
+    return ([a for a in addresses if _family_of(a) == preferred]
+            + [a for a in addresses if _family_of(a) != preferred])
 
 
 def _rotated(addresses, turn, family):
@@ -955,7 +954,7 @@ def _rotated(addresses, turn, family):
     prefer-ipv4 / prefer-ipv6 each family rotates on its own, the
     preferred one still first."""
     if family in ("prefer-ipv4", "prefer-ipv6") and len(addresses) > 1:
-        split = sum(1 for a in addresses if _family_of(a) == family[7:])
+        split = sum(1 for a in addresses if _family_of(a) == family[len("prefer-"):])
         if 0 < split < len(addresses):
             return (_rotated(addresses[:split], turn, None)
                     + _rotated(addresses[split:], turn, None))

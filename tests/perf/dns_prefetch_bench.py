@@ -21,7 +21,7 @@ connection waits for the lookup (A then AAAA: twice the delay) each time
 the answer expires; with it, the p99 ratio should stay within 1.5.
 
     python3 tests/perf/dns_prefetch_bench.py                  # this checkout
-    python3 tests/perf/dns_prefetch_bench.py --proxy-cmd /work/main/tcpproxy.py
+    python3 tests/perf/dns_prefetch_bench.py --proxy-cmd OTHER-CHECKOUT/tcpproxy.py   # e.g. a git worktree of main
 """
 
 import argparse
