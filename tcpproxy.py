@@ -135,6 +135,7 @@ LISTEN_POLL_INTERVAL = 60.0        # listeners: a safety net, stop wakes them at
 REAP_INTERVAL = 0.2                # the housekeeping thread retires idle workers
 DEFAULT_CONNECT_ATTEMPTS = 3       # upstream addresses tried per client
 DEFAULT_DNS_MAX_TTL = 3600         # --dns-max-ttl
+STATUS_CPU_SHARE = 0.05           # /metrics and /connections: at most this much of a CPU
 PROXY_COALESCE_MAX = 16384        # --send-proxy: client bytes sent with the header
 DNS_FAMILIES = ("auto", "ipv4", "ipv6", "prefer-ipv4", "prefer-ipv6")   # --dns-family
 PREFETCH_SHARE = 0.1               # a name in use is looked up again in the last
@@ -3694,6 +3695,33 @@ class _DeadlineSocketIO(socket.SocketIO):
         return super().readinto(b)
 
 
+class _CpuBudget:
+    """Keep the status server's costly answers (/metrics, /connections)
+    within *share* of one CPU: each is built in turn, and the next one
+    waits until the CPU time this one took (its thread's, not its sleeps)
+    is *share* of the time since it started.  A scraper reading in a loop
+    would otherwise hold the GIL as much as its loop allows, and the pumps
+    wait for it; Prometheus every 15 s, or a person, never waits here.
+    /status is not paced: health checks never wait."""
+
+    def __init__(self, share=STATUS_CPU_SHARE):
+        self.share = share
+        self.lock = threading.Lock()
+        self._next = 0.0
+
+    def run(self, func, *args):
+        with self.lock:
+            delay = self._next - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+            started = time.thread_time()
+            try:
+                return func(*args)
+            finally:
+                spent = time.thread_time() - started
+                self._next = time.monotonic() + spent * (1.0 / self.share - 1.0)
+
+
 class StatusHandler(http.server.BaseHTTPRequestHandler):
     """Serve GET/HEAD /status and /connections; other methods get 405.
 
@@ -3754,14 +3782,16 @@ class StatusHandler(http.server.BaseHTTPRequestHandler):
                 self._send(code, "OK" if status["ok"] else status["reason"] + "\n",
                            "text/plain; charset=utf-8", body)
         elif url.path == "/metrics":
-            self._send(200, metrics_text(proxy), "text/plain; version=0.0.4; charset=utf-8", body)
+            self._send(200, self.server.budget.run(metrics_text, proxy),
+                       "text/plain; version=0.0.4; charset=utf-8", body)
         elif url.path == "/connections":
             try:
                 limit = check_limit(query.get("limit", [None])[0], "limit") or None
             except ConfigError as exc:
                 self._send(400, "%s\n" % exc, "text/plain; charset=utf-8", body)
                 return
-            self._send(200, _connections_json(proxy, limit), "application/json", body)
+            self._send(200, self.server.budget.run(_connections_json, proxy, limit),
+                       "application/json", body)
         else:
             self._send(404, "not found\n", "text/plain", body)
 
@@ -3818,6 +3848,7 @@ class StatusServer(http.server.ThreadingHTTPServer):
     def __init__(self, address, proxy, allow=()):
         self.proxy = proxy
         self.allow = allow
+        self.budget = _CpuBudget()
         self._tracked = set()
         self._tracked_lock = threading.Lock()
         self._stopping = threading.Event()
