@@ -3095,6 +3095,7 @@ def send_proxy_header(proxy, session, upstream, coalesce=True):
 TLS_HANDSHAKE_TIMEOUT = 10.0       # a client's handshake (termination)
 TLS_RECORD = 16 * 1024             # the largest TLS record's payload
 TLS_HANDSHAKE_READ = 64 * 1024     # a recv() during the handshake
+TLS_READ = 64 * 1024               # a tls_pump() recv()
 TLS_CLOSE_WAIT = 0.05              # the longest pause of a close_notify waiting (see _tls_end_of_stream)
 TLS_CHECK_INTERVAL = 1.0           # how often a connection stat()s the certificate files
 TLS_FAILURE_REASONS = ("verify", "protocol", "timeout", "closed", "config")
@@ -3306,13 +3307,15 @@ class _TlsEnd:
     """One side's TLS: an ssl.SSLObject between two MemoryBIOs, over that
     side's plain socket.  ``lock`` guards every call on the SSL object and
     the BIOs; ``send_lock`` keeps what leaves ``outgoing`` in order, held by
-    the one thread sending it (see _tls_flush)."""
+    the one thread sending it (see _tls_flush).  ``sslobj`` is the C object
+    under ``obj`` (its read() and write() are a frame less)."""
 
-    __slots__ = ("obj", "incoming", "outgoing", "lock", "send_lock")
+    __slots__ = ("obj", "sslobj", "incoming", "outgoing", "lock", "send_lock")
 
     def __init__(self, wrap):
         self.incoming, self.outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
         self.obj = wrap(self.incoming, self.outgoing)
+        self.sslobj = self.obj._sslobj
         self.lock = threading.Lock()
         self.send_lock = threading.Lock()
 
@@ -3455,94 +3458,116 @@ def tls_connect(proxy, listener, session, sock):
 
 
 def tls_pump(session, src, dst, up, proxy):
-    """pump() for a session with TLS on either side: poll, read what is
-    there, write it all.  The sockets are read and written with their own
-    methods (libc I/O, see _LibcIO, measured slower here: twice the
-    context switches per request); a TLS side
-    passes through its _TlsEnd: what was read goes into ``incoming`` and
-    the records complete in it are decrypted into the buffer (up to the
-    buffer's size: then the rest is decrypted before the next poll()),
-    what is written is encrypted into ``outgoing`` and sent.  EOF becomes
-    close_notify or a FIN (see _tls_end_of_stream); a TLS error resets
-    the session."""
+    """pump() for a session with TLS on either side.  It waits in a
+    blocking recv() itself: one system call where pump() makes two
+    (poll(), then recv() or splice()), a tenth less CPU per request here
+    (the idle timeout is the socket's SO_RCVTIMEO).  Its sends are the
+    socket's own, which let the GIL go: through libc with the GIL held
+    (see _LibcIO) they cost a quarter more, OpenSSL's work being in the
+    same threads.  A TLS side passes through its _TlsEnd: what was read
+    goes into ``incoming`` and the records complete in it are decrypted
+    into a pooled buffer (up to the buffer's size: then the rest is
+    decrypted before the next read), what is written is encrypted into
+    ``outgoing`` and sent.  EOF becomes close_notify or a FIN (see
+    _tls_end_of_stream); a TLS error resets the session."""
     idle_timeout = proxy.idle_timeout
-    wait_ms = int(min(idle_timeout, 5.0) * 1000) if idle_timeout else None
-    poller = select.poll()
-    poller.register(src, select.POLLIN | select.POLLPRI)
-    poll = poller.poll
+    _set_recv_timeout(src, min(idle_timeout, 5.0) if idle_timeout else None, proxy.libc)
     from_side, to_side = ("client", "upstream") if up else ("upstream", "client")
-    ends = session.tls_ends
-    src_end, dst_end = ends.get(from_side), ends.get(to_side)
-    recv_into, src_sendall = src.recv_into, src.sendall
-    send = _plain_sender(dst) if dst_end is None else _tls_sender(dst_end, dst)
+    src_end, dst_end = session.tls_ends.get(from_side), session.tls_ends.get(to_side)
+    recv = src.recv
+    send = dst.sendall if dst_end is None else _tls_sender(dst_end, dst)
     more = src_end is not None and src_end.incoming.pending > 0   # sent with the handshake's end
-    buffers = proxy.buffers
-    get_buffer, put_buffer, size = buffers.get, buffers.put, buffers.size
+    get_buffer, put_buffer = proxy.buffers.get, proxy.buffers.put
     monotonic = time.monotonic
     while True:
-        if not more and not poll(wait_ms):
-            if monotonic() - session.last_active >= idle_timeout:
-                session.abort("idle timeout")
-                return
-            continue
-        entry = get_buffer()
-        eof = False
-        try:
-            n = 0 if more else recv_into(entry[0], size)
-            if src_end is not None:
-                if not n and not more:
-                    eof = True               # a FIN, with or without close_notify
-                else:
-                    n, more, eof = _tls_decrypt(src_end, entry[0], n, size, src_sendall)
-            elif not n:
-                eof = True
-        except (BlockingIOError, InterruptedError):
-            put_buffer(entry)
-            continue
-        except OSError as exc:
-            put_buffer(entry)
-            _tls_failed(session, exc, from_side)
-            return
-        if n:
+        data = b""
+        if not more:
             try:
-                send(entry, n)
+                data = recv(TLS_READ)
+            except (BlockingIOError, InterruptedError):      # SO_RCVTIMEO: nothing came
+                if monotonic() - session.last_active >= idle_timeout:
+                    session.abort("idle timeout")
+                    return
+                continue
+            except OSError as exc:
+                _tls_failed(session, exc, from_side)
+                return
+            if not data:                     # a FIN, with or without close_notify
+                _tls_end_of_stream(session, dst, dst_end)
+                return
+        eof = False
+        entry = None
+        if src_end is not None:
+            entry = get_buffer()
+            try:
+                data, more, eof = _tls_decrypt(src_end, data, entry[0], src)
             except OSError as exc:
                 put_buffer(entry)
-                _tls_failed(session, exc, to_side)
+                _tls_failed(session, exc, from_side)
                 return
-        put_buffer(entry)
-        if eof:
+        try:
+            if data:
+                send(data)
+        except OSError as exc:
+            _tls_failed(session, exc, to_side)
+            return
+        finally:
+            if entry is not None:
+                put_buffer(entry)
+        if eof:                              # close_notify
             _tls_end_of_stream(session, dst, dst_end)
             return
         if up:
-            session.bytes_up += n
+            session.bytes_up += len(data)
             session.last_up = monotonic()
         else:
-            session.bytes_down += n
+            session.bytes_down += len(data)
             session.last_down = monotonic()
 
 
-def _tls_decrypt(end, buf, n, size, sendall):
-    """Put the *n* bytes read into *buf* into *end*'s ``incoming`` and
-    decrypt what is complete there back into *buf*, while a whole record
-    fits.  Returns (bytes decrypted, more left in ``incoming``, EOF:
-    close_notify).  A read that made OpenSSL write (a key update's
-    answer) sends it if no one else is sending (see _tls_flush)."""
-    incoming, outgoing = end.incoming, end.outgoing
-    read = end.obj._sslobj.read          # the C object: SSLObject.read() is one more frame
+def _set_recv_timeout(sock, seconds, libc):
+    """SO_RCVTIMEO on *sock* (None: none): a blocking recv() that waits
+    longer fails with EAGAIN.  The socket stays blocking for Python (a
+    Python timeout would poll() before each recv())."""
+    if not seconds:
+        return
+    value = struct.pack("@ll", int(seconds), int((seconds % 1) * 1e6))
+    try:
+        if libc is not None:
+            libc.setsockopt(sock, socket.SOL_SOCKET, socket.SO_RCVTIMEO, value)
+        else:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, value)
+    except OSError:
+        pass                                 # closed already: the recv() says so
+
+
+def _tls_decrypt(end, data, buf, sock):
+    """Put *data* (what was read) into *end*'s ``incoming`` and decrypt
+    what is complete there into the pooled buffer *buf*, while a whole
+    record fits.  Returns (a memoryview of what was decrypted, more left
+    in ``incoming``, EOF: close_notify).  A read that made OpenSSL write
+    (a key update's answer) sends it on *sock* if no one else is sending
+    (see _tls_flush)."""
+    incoming, outgoing, read = end.incoming, end.outgoing, end.sslobj.read
+    size = len(buf)
     eof = False
     got = 0
+    view = memoryview(buf)
     with end.lock:
-        if n:
-            with memoryview(buf) as view:
-                incoming.write(view[:n])
+        if data:
+            incoming.write(data)
         written = outgoing.pending
         try:
-            got = read(size, buf)
+            got = read(size, view)
             if not got:
                 eof = True
-            elif incoming.pending and size - got >= TLS_RECORD:
-                got, eof = _tls_decrypt_more(end, buf, got, size)
+            else:
+                while incoming.pending and size - got >= TLS_RECORD:
+                    n = read(size - got, view[got:])
+                    if not n:
+                        eof = True
+                        break
+                    got += n
         except ssl.SSLWantReadError:
             pass                             # the rest of a record is still on its way
         except ssl.SSLZeroReturnError:
@@ -3550,25 +3575,8 @@ def _tls_decrypt(end, buf, n, size, sendall):
         more = incoming.pending > 0 and not eof
         written = outgoing.pending > written
     if written:
-        _tls_flush(end, sendall, False)
-    return got, more, eof
-
-
-def _tls_decrypt_more(end, buf, got, size):
-    """_tls_decrypt() past the first record (under ``end.lock``)."""
-    incoming, read = end.incoming, end.obj._sslobj.read
-    with memoryview(buf) as view:
-        try:
-            while incoming.pending and size - got >= TLS_RECORD:
-                n = read(size - got, view[got:])
-                if not n:
-                    return got, True
-                got += n
-        except ssl.SSLWantReadError:
-            pass
-        except ssl.SSLZeroReturnError:
-            return got, True
-    return got, False
+        _tls_flush(end, sock.sendall, False)
+    return view[:got], more, eof
 
 
 def _tls_flush(end, sendall, wait=True):
@@ -3589,27 +3597,17 @@ def _tls_flush(end, sendall, wait=True):
             send_lock.release()
 
 
-def _plain_sender(sock):
-    """send(entry, n): sendall() of a pooled buffer's first *n* bytes."""
-    sendall = sock.sendall
-
-    def send(entry, n):
-        with memoryview(entry[0]) as view:
-            sendall(view[:n])
-    return send
-
-
 def _tls_sender(end, sock):
-    """send(entry, n) through *end*: encrypt a pooled buffer's first *n*
-    bytes into ``outgoing`` (in memory: it never waits) and send them,
-    holding ``send_lock`` (see _tls_flush) from the one to the other."""
-    write, lock, sendall = end.obj._sslobj.write, end.lock, sock.sendall
+    """send(data) through *end*: encrypt *data* into ``outgoing`` (in
+    memory: it never waits) and send it, holding ``send_lock`` (see
+    _tls_flush) from the one to the other."""
+    write, lock, sendall = end.sslobj.write, end.lock, sock.sendall
     send_lock, outgoing = end.send_lock, end.outgoing
 
-    def send(entry, n):
+    def send(data):
         with send_lock:
-            with memoryview(entry[0]) as view, lock:
-                write(view[:n])
+            with lock:
+                write(data)
                 data = outgoing.read()
             sendall(data)
         if outgoing.pending:                 # a reader's, left to us (see _tls_flush)

@@ -21,7 +21,8 @@ import time
 import pytest
 
 import tcpproxy
-from helpers import LOOP4, EchoServer, free_port, http, http_json, run_cli, wait_until
+from helpers import (LOOP4, EchoServer, closed_by_peer, free_port, http, http_json, run_cli,
+                     wait_until)
 from peers import make_certs, need, run
 from test_status import check_schema
 
@@ -450,6 +451,50 @@ def test_termination_and_origination_together(tls_echo, tls_certs, start_proxy):
         for side in ("client", "upstream"):
             check_schema(sessions[0]["tls"][side], TLS_SIDE)
             assert sessions[0]["tls"][side]["version"] == "TLSv1.3"
+
+
+@pytest.mark.parametrize("sides", ["origination", "both"])
+def test_idle_timeout_closes_a_silent_tls_session_only(sides, tls_echo, tls_certs, start_proxy):
+    """--idle-timeout 1 on TLS sessions (whose pumps wait in recv() with
+    SO_RCVTIMEO, not in poll()): a silent session is closed 1-3.5 s after
+    its last byte, one that exchanges every 0.2 s stays open."""
+    port = free_port()
+    extra = ["--upstream-tls", "--upstream-ca", tls_certs.ca, "--idle-timeout", "1"]
+    if sides == "both":
+        extra += ["--tls-cert", tls_certs.cert, "--tls-key", tls_certs.key]
+    start_proxy("%d:localhost:%d" % (port, tls_echo.port), extra=extra)
+
+    def connect():
+        sock = socket.create_connection((LOOP4, port), timeout=10)
+        if sides == "both":
+            sock = client_context(tls_certs.ca).wrap_socket(sock, server_hostname="localhost")
+        return sock
+
+    def roundtrip(sock, data):
+        sock.sendall(data)
+        got = b""
+        while len(got) < len(data):
+            piece = sock.recv(len(data) - len(got))
+            assert piece, "closed"
+            got += piece
+        return got
+
+    silent, busy = connect(), connect()
+    try:
+        assert roundtrip(silent, b"quiet") == b"quiet"
+        last = time.monotonic()
+        closed = False
+        while time.monotonic() - last < 3.5:
+            assert roundtrip(busy, b"ping") == b"ping"
+            if not closed and closed_by_peer(silent, 0.2):
+                closed = True
+                waited = time.monotonic() - last
+                assert waited > 0.8, waited
+        assert closed, "the silent TLS session outlived --idle-timeout 1 by 2.5 s"
+        assert roundtrip(busy, b"still here") == b"still here"
+    finally:
+        silent.close()
+        busy.close()
 
 
 def test_client_handshake_failure_is_counted(tls_certs, start_proxy):
