@@ -3460,8 +3460,9 @@ def tls_connect(proxy, listener, session, sock):
 def tls_pump(session, src, dst, up, proxy):
     """pump() for a session with TLS on either side.  It waits in a
     blocking recv() itself: one system call where pump() makes two
-    (poll(), then recv() or splice()), a tenth less CPU per request here
-    (the idle timeout is the socket's SO_RCVTIMEO).  Its sends are the
+    (poll(), then recv() or splice()), a seventh less CPU per 64-byte
+    request (tests/perf/tls_duel.py); the idle timeout is the socket's
+    SO_RCVTIMEO.  Its sends are the
     socket's own, which let the GIL go: through libc with the GIL held
     (see _LibcIO) they cost a quarter more, OpenSSL's work being in the
     same threads.  A TLS side passes through its _TlsEnd: what was read
