@@ -73,24 +73,57 @@ def _source(func):
     return text if len(text) <= 200 else text[:197] + "..."
 
 
-def free_ports(n, host=LOOP4):
-    """``n`` distinct TCP ports that were free on ``host`` a moment ago (held
-    open together while choosing)."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    socks = []
+def _port_candidates():
+    """Ports 10000-65535 outside the ephemeral range (where outgoing
+    connections take their local ports), in a fixed shuffled order."""
     try:
-        for _ in range(n):
-            s = socket.socket(family, socket.SOCK_STREAM)
-            socks.append(s)
-            s.bind((host, 0))
-        return [s.getsockname()[1] for s in socks]
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            low, high = map(int, f.read().split())
+    except (OSError, ValueError):
+        low, high = 32768, 60999
+    ports = [port for port in range(10000, 65536) if not low <= port <= high]
+    random.shuffle(ports)
+    return ports
+
+
+_PORTS = _port_candidates()
+_port_cursor = 0
+_port_lock = threading.Lock()
+
+
+def free_ports(n, host=LOOP4):
+    """``n`` distinct TCP ports free on ``host`` a moment ago (held open
+    together while choosing).  They come from outside the ephemeral range,
+    so that no outgoing connection (a probe of this suite's, a client's)
+    takes one as its local port before the server under test binds it,
+    and no port is handed out twice until all have been."""
+    global _port_cursor
+    if n > 1:
+        raise_nofile(n + 1000)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    held = []
+    try:
+        with _port_lock:
+            for _ in range(len(_PORTS)):
+                port = _PORTS[_port_cursor]
+                _port_cursor = (_port_cursor + 1) % len(_PORTS)
+                s = socket.socket(family, socket.SOCK_STREAM)
+                try:
+                    s.bind((host, port))
+                except OSError:
+                    s.close()
+                    continue
+                held.append(s)
+                if len(held) == n:
+                    return [s.getsockname()[1] for s in held]
+        raise RuntimeError("not %d free ports outside the ephemeral range on %s" % (n, host))
     finally:
-        for s in socks:
+        for s in held:
             s.close()
 
 
 def free_port(host=LOOP4):
-    """A TCP port that was free on ``host`` a moment ago."""
+    """A TCP port that was free on ``host`` a moment ago (see free_ports)."""
     return free_ports(1, host)[0]
 
 

@@ -10,9 +10,7 @@ answers; waits are on sockets, the DNS server's query counter or
 
 import logging
 import os
-import random
 import signal
-import socket
 import threading
 import time
 
@@ -21,8 +19,8 @@ import pytest
 import tcpproxy
 from tcpproxy import ConfigError, Mapping, parse_allow
 from helpers import (
-    LOOP4, EchoServer, banner_via, closed_promptly, connect, free_port, http_json,
-    raise_nofile, run_cli, spec, wait_until,
+    LOOP4, EchoServer, banner_via, closed_promptly, connect, free_port, free_ports, http_json,
+    run_cli, spec, wait_until,
 )
 
 NAME = "db.example.test"
@@ -320,32 +318,6 @@ def test_mapping_errors_quote_values_briefly():
 
 
 # -- 5. many mappings are cheap -----------------------------------------------
-
-def free_ports(n, host=LOOP4):
-    """*n* distinct ports free on *host* a moment ago, outside the ephemeral
-    range (where outgoing connections, this suite's or another's, would
-    take them meanwhile); held together while choosing."""
-    raise_nofile(n + 1000)
-    low, high = map(int, open("/proc/sys/net/ipv4/ip_local_port_range").read().split())
-    candidates = [port for port in range(10000, 65536) if not low <= port <= high]
-    start = random.randrange(len(candidates))
-    held = []
-    try:
-        for port in candidates[start:] + candidates[:start]:
-            s = socket.socket()
-            try:
-                s.bind((host, port))
-            except OSError:
-                s.close()
-                continue
-            held.append(s)
-            if len(held) == n:
-                return [s.getsockname()[1] for s in held]
-        pytest.skip("not %d free ports outside the ephemeral range" % n)
-    finally:
-        for s in held:
-            s.close()
-
 
 def proc_cpu_seconds(pid):
     fields = open("/proc/%d/stat" % pid).read().rsplit(")", 1)[1].split()
