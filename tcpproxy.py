@@ -92,6 +92,7 @@ import ipaddress
 import itertools
 import json
 import logging
+import math
 import os
 import re
 import reprlib
@@ -465,7 +466,7 @@ def check_limit(value, what="max_connections"):
     if isinstance(value, str) and _DIGITS.fullmatch(value.strip()) and len(value.strip()) < 20:
         return int(value.strip())
     if isinstance(value, (int, float)) and not isinstance(value, bool) \
-            and value == value and value not in (float("inf"), float("-inf")) \
+            and (isinstance(value, int) or math.isfinite(value)) \
             and value == int(value) and value >= 0:
         return int(value)
     raise ConfigError("%s %s is not a whole number of 0 or more" % (what, short_repr(value)))
@@ -1348,7 +1349,7 @@ class Resolver:
             if only is not None:
                 raise ResolveError("no %s records (--dns-family %s)" % (_RECORD[only], only))
             raise ResolveError("no A or AAAA records")
-        ttl = max(0, int(round(expiration - time.time())))
+        ttl = max(0, round(expiration - time.time()))
         return found, ttl, "dns"
 
     @staticmethod
@@ -1993,7 +1994,7 @@ class _WorkerPool:
                 func, args = task
                 try:
                     func(*args) if args else func()   # func(): no nested C loop
-                except Exception:  # noqa: BLE001 - a worker must survive its task
+                except Exception:                   # a worker must survive its task
                     log.exception("unexpected error in %s", me.name)
                 me.name = base
                 with self.lock:
@@ -2676,7 +2677,7 @@ class _LibcIO:
     FLAGS_SEND = FLAGS_RECV | int(getattr(socket, "MSG_NOSIGNAL", 0x4000))
 
     def __init__(self):
-        import ctypes                        # only when used: it costs 3 ms to import
+        import ctypes  # only when used: it costs 3 ms to import
         libc = ctypes.PyDLL(None)
         self._ctypes = ctypes
         # No argtypes: converting each argument through them costs more
@@ -2721,7 +2722,7 @@ class _LibcIO:
             self._close(fd)
 
     @classmethod
-    @functools.lru_cache(maxsize=None)
+    @functools.cache
     def load(cls):
         """The shared instance, or None where it is not available."""
         if not sys.platform.startswith("linux"):
@@ -3806,12 +3807,12 @@ class StatusHandler(http.server.BaseHTTPRequestHandler):
         if body:
             self.wfile.write(data)
 
-    def log_message(self, format, *args):  # noqa: A002 - http.server's name
+    def log_message(self, format, *args):      # http.server's names
         # The request line is the client's: escaped, as http.server's own
         # log_message() does, so that it cannot forge log lines.
         log.debug("status %s: %s", self.client_address[0], _clip(format % args))
 
-    def log_error(self, format, *args):  # noqa: A002
+    def log_error(self, format, *args):
         self.log_message(format, *args)
 
 
@@ -3942,7 +3943,8 @@ class StatusServer(http.server.ThreadingHTTPServer):
             raise
 
     def handle_error(self, request, client_address):
-        log.debug("status: error serving %s", client_address, exc_info=True)
+        # socketserver calls this inside its except block
+        log.debug("status: error serving %s", client_address, exc_info=sys.exc_info())
 
     def server_close(self):
         super().server_close()
@@ -4243,7 +4245,8 @@ def status_report(proxy):
             warnings.append("%s: the last %d connection attempt(s) to %s failed"
                             % (port, server.failing,
                                _format_hostport(mapping.host, mapping.port)))
-        mappings.append(dict(stats.get(port, _EMPTY_STATS), **{
+        mappings.append({
+            **stats.get(port, _EMPTY_STATS),
             "mapping": port, "spec": mapping.spec, "listen": server.listen,
             "target": _format_hostport(mapping.host, mapping.port),
             "listening": listening, "addresses": dns_info["addresses"],
@@ -4253,7 +4256,7 @@ def status_report(proxy):
             "upstreams": proxy.health.snapshot(dns_info["addresses"], mapping.port),
             "allow": [str(n) for n in mapping.allow],
             "max_connections": mapping.max_connections,
-            "tls": TlsContexts.describe(server.tls)}))
+            "tls": TlsContexts.describe(server.tls)})
     for spec, reason in sorted(failures.items()):
         reasons.append("%s: %s" % (spec, reason))
     if not backend.get("ok", True):
@@ -4719,7 +4722,7 @@ class BackendPoller:
             return self._record(False, str(exc), rejected=True)
         except ProxyError as exc:
             return self._record(False, "poll failed: %s" % exc)
-        except Exception as exc:  # noqa: BLE001 - a poller must survive anything
+        except Exception as exc:            # a poller must survive anything
             log.debug("backend %s failed", self.backend.name, exc_info=True)
             return self._record(False, "poll failed: %s: %s" % (exc.__class__.__name__, exc))
         problems = dict(getattr(self.backend, "problems", None) or {})
@@ -4799,7 +4802,7 @@ class BackendPoller:
             info["error"] = "no successful poll yet"
         try:
             info.update(self.backend.describe() or {})
-        except Exception:  # noqa: BLE001 - reporting must not break polling
+        except Exception:                   # reporting must not break polling
             log.debug("backend %s: describe() failed", self.backend.name, exc_info=True)
         self._info = info
         self.proxy.set_backend_state(info)
@@ -5464,8 +5467,8 @@ def health(argv):
     host, port = target.status_address
     host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
     url = "http://%s/status" % _format_hostport(host, port)
-    import urllib.request
     import urllib.error
+    import urllib.request
     try:
         with urllib.request.urlopen(url, timeout=opts.timeout) as response:
             body = response.read(512).decode("utf-8", "replace").strip()

@@ -38,7 +38,7 @@ def _configured(core, variable, key):
         return True
     try:
         return key in core.get_scoped_config()
-    except Exception:  # noqa: BLE001 - a bad profile is reported by the client itself
+    except Exception:  # noqa: BLE001 - a broken AWS config file: not set by the user
         return False
 
 

@@ -32,9 +32,18 @@ import logging
 import sys
 
 import tcpproxy
-from tcpproxy import (DNS_FAMILIES, TLS_FIELDS, BackendError, ConfigError, Mapping,
-                      check_dns_family, check_flag, check_limit, check_proxy_version,
-                      parse_allow)
+from tcpproxy import (
+    DNS_FAMILIES,
+    TLS_FIELDS,
+    BackendError,
+    ConfigError,
+    Mapping,
+    check_dns_family,
+    check_flag,
+    check_limit,
+    check_proxy_version,
+    parse_allow,
+)
 
 from .aws import CONNECT_TIMEOUT, READ_TIMEOUT, aws_reason, import_boto3, make_client
 
@@ -66,7 +75,7 @@ def _item_mapping(item):
     """Return the Mapping of one Query item; ValueError/ConfigError if it is bad."""
     spec = item.get(RANGE_KEY)
     if not isinstance(spec, dict) or not isinstance(spec.get("S"), str):
-        raise ValueError("%s is missing or not a string" % RANGE_KEY)
+        raise ValueError("%s is missing or not a string" % RANGE_KEY)  # noqa: TRY004 - a bad item
     options = {}
     if "allow" in item:
         allow = item["allow"]

@@ -114,7 +114,7 @@ class Backend:
                 log.warning("%s: keeping node %s", reason, self.node)
             self.warning = reason
             return list(self.mappings)
-        number, node_id, mapping = candidates[0]
+        _number, node_id, mapping = candidates[0]
         if node_id != self.node or [mapping] != self.mappings:
             log.info("cluster %s: node %s %s:%d is the target", self.cluster_id,
                      node_id, mapping.host, mapping.port)

@@ -47,10 +47,24 @@ import os
 import stat
 import time
 
-from tcpproxy import (TLS_FIELDS, BackendError, ConfigError, ConfigPending, ConfigRejected,
-                      Mapping, ProxyError, check_dns_family, check_flag, check_limit,
-                      check_port, check_proxy_version, check_unique_ports, parse_allow,
-                      parse_listen, short_repr)
+from tcpproxy import (
+    TLS_FIELDS,
+    BackendError,
+    ConfigError,
+    ConfigPending,
+    ConfigRejected,
+    Mapping,
+    ProxyError,
+    check_dns_family,
+    check_flag,
+    check_limit,
+    check_port,
+    check_proxy_version,
+    check_unique_ports,
+    parse_allow,
+    parse_listen,
+    short_repr,
+)
 
 __all__ = ["Backend", "parse_config", "MAX_BYTES", "MAX_NODES", "SETTLE"]
 
@@ -144,7 +158,8 @@ def _item_mapping(item):
     if isinstance(item, str):
         return Mapping.parse(item)
     if not isinstance(item, dict):
-        raise ValueError("an entry must be a mapping (listen:, target:) or a "
+        # ValueError, not TypeError: the caller reports it as a bad entry
+        raise ValueError("an entry must be a mapping (listen:, target:) or a "  # noqa: TRY004
                          "\"LPORT:HOST:RPORT\" string, not %s" % short_repr(item))
     unknown = [str(k) for k in item if k not in ITEM_KEYS]
     if unknown:

@@ -14,9 +14,16 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from dnsserver import DNSServer  # noqa: E402
-from helpers import (  # noqa: E402
-    LOOP4, PUMPS, EchoServer, MotoEndpoint, ProxyProcess, echo_pair, free_port, run_proxy_cli,
+from dnsserver import DNSServer
+from helpers import (
+    LOOP4,
+    PUMPS,
+    EchoServer,
+    MotoEndpoint,
+    ProxyProcess,
+    echo_pair,
+    free_port,
+    run_proxy_cli,
     wait_until,
 )
 
@@ -113,7 +120,7 @@ def pump():
     """The pump the proxy runs with: None, the one it picks by itself.  A
     test that moves bytes is marked ``@helpers.each_pump``, which gives each
     name in ``helpers.PUMPS`` in turn."""
-    return None
+    return
 
 
 @pytest.fixture

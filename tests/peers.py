@@ -48,7 +48,6 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-
 from helpers import LOOP4, free_port, listening, stop_process, wait_until
 
 START_TIMEOUT = 30.0
@@ -133,7 +132,7 @@ class Peer:
     def __init__(self, argv, dir, ports, user=None, env=None, timeout=START_TIMEOUT):
         self.dir = Path(dir)
         self.ports = set(ports)
-        self._out = open(self.dir / "output.log", "wb")
+        self._out = open(self.dir / "output.log", "wb")  # noqa: SIM115 - the server's log
         self.proc = subprocess.Popen([str(a) for a in argv], cwd=str(self.dir), env=env,
                                      stdin=subprocess.DEVNULL, stdout=self._out,
                                      stderr=subprocess.STDOUT, **account(user))

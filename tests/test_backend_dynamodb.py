@@ -12,12 +12,22 @@ from types import SimpleNamespace
 
 import boto3
 import pytest
+from helpers import (
+    LOOP4,
+    EchoServer,
+    Hammer,
+    closed_by_peer,
+    echoes,
+    free_port,
+    free_ports,
+    greeting,
+    refused,
+    talk,
+    wait_until,
+)
 
 import tcpproxy
 from tcpproxy_backends import dynamodb
-
-from helpers import (LOOP4, EchoServer, Hammer, closed_by_peer, echoes, free_port, free_ports,
-                     greeting, refused, talk, wait_until)
 
 POLL = 0.2
 
@@ -480,8 +490,8 @@ def test_item_allow_list_is_enforced(running, table, proxy_name):
 # Failures that moto does not produce, with botocore's Stubber ###############
 
 @pytest.mark.parametrize("code, message", [
-    ("ProvisionedThroughputExceededException", "The level of configured provisioned "
-                                               "throughput for the table was exceeded"),
+    ("ProvisionedThroughputExceededException", ("The level of configured provisioned "
+                                               "throughput for the table was exceeded")),
     ("ThrottlingException", "Rate of requests exceeds the allowed throughput"),
     ("AccessDeniedException", "User is not authorized to perform: dynamodb:Query"),
 ])

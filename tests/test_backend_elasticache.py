@@ -9,11 +9,19 @@ from types import SimpleNamespace
 import boto3
 import pytest
 from botocore.stub import Stubber
+from helpers import (
+    LOOP4,
+    EchoServer,
+    Hammer,
+    echoes,
+    free_port,
+    greeting,
+    talk,
+    wait_until,
+)
 
 import tcpproxy
 from tcpproxy_backends import elasticache
-
-from helpers import LOOP4, EchoServer, Hammer, echoes, free_port, greeting, talk, wait_until
 
 CLUSTER = "docker-registry"
 
@@ -151,7 +159,7 @@ def test_a_node_with_a_bad_id_is_skipped(stubbed, caplog):
     ({"elasticache_port": 70000}, "--elasticache-port"),
 ])
 def test_missing_or_bad_flags_are_config_errors(changes, match):
-    values = dict(elasticache_cluster_id=CLUSTER, elasticache_port=5000, region="us-east-1")
+    values = {"elasticache_cluster_id": CLUSTER, "elasticache_port": 5000, "region": "us-east-1"}
     values.update(changes)
     with pytest.raises(tcpproxy.ConfigError, match=match):
         elasticache.Backend(SimpleNamespace(**values), client=object())

@@ -15,14 +15,23 @@ from types import SimpleNamespace
 
 import pytest
 import yaml
+from helpers import (
+    LOOP4,
+    EchoServer,
+    closed_by_peer,
+    echoes,
+    free_port,
+    free_ports,
+    greeting,
+    refused,
+    talk,
+    wait_until,
+)
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import tcpproxy
 from tcpproxy_backends import file as file_backend
-
-from helpers import (LOOP4, EchoServer, closed_by_peer, echoes, free_port, free_ports,
-                     greeting, refused, talk, wait_until)
 
 ROOT = Path(__file__).resolve().parents[1]
 Mapping = tcpproxy.Mapping
@@ -136,8 +145,8 @@ def test_any_bad_entry_rejects_the_whole_file_naming_each():
 
 
 @pytest.mark.parametrize("text, match", [
-    ("mappings: []\nmappings: ['8002:a:1']\n", r"line 2 column 1: found duplicate key "
-     r"'mappings' \(first at line 1\)"),
+    ("mappings: []\nmappings: ['8002:a:1']\n", (r"line 2 column 1: found duplicate key "
+     r"'mappings' \(first at line 1\)")),
     ("mappings:\n  - listen: 8002\n    target: a:1\n    target: b:1\n",
      r"line 4 column 5: found duplicate key 'target'"),
     ("mappings:\n  - {listen: 8002, target: a:1, listen: 8003}\n", "duplicate key 'listen'"),
@@ -148,8 +157,8 @@ def test_a_repeated_key_rejects_the_file(text, match):
 
 
 def test_an_alias_bomb_is_refused_without_expanding_it():
-    lines = ["x-a: &a [10.0.0.0/8, 10.0.0.0/8, 10.0.0.0/8, 10.0.0.0/8, 10.0.0.0/8, "
-             "10.0.0.0/8, 10.0.0.0/8, 10.0.0.0/8, 10.0.0.0/8]"]
+    lines = [("x-a: &a [10.0.0.0/8, 10.0.0.0/8, 10.0.0.0/8, 10.0.0.0/8, 10.0.0.0/8, "
+             "10.0.0.0/8, 10.0.0.0/8, 10.0.0.0/8, 10.0.0.0/8]")]
     previous = "a"
     for level in "bcdefghi":
         lines.append("x-%s: &%s [%s]" % (level, level, ", ".join(["*" + previous] * 9)))
@@ -342,7 +351,7 @@ class CLI:
     def __init__(self, tmp_path, *args):
         self.status_port = free_port()
         self.log_path = tmp_path / "stderr.log"
-        self.log = open(self.log_path, "wb")
+        self.log = open(self.log_path, "wb")  # noqa: SIM115 - the process's stderr
         self.proc = subprocess.Popen(
             [sys.executable, str(ROOT / "tcpproxy.py"), "--listen-address", LOOP4,
              "--status", "%s:%d" % (LOOP4, self.status_port), "--debug", "1"] + list(args),

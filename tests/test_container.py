@@ -25,9 +25,16 @@ import time
 from pathlib import Path
 
 import pytest
-
 from helpers import (
-    LOOP4, REPO, closed_by_peer, connect, free_port, http, port_listening, roundtrip, spec,
+    LOOP4,
+    REPO,
+    closed_by_peer,
+    connect,
+    free_port,
+    http,
+    port_listening,
+    roundtrip,
+    spec,
     wait_until,
 )
 
@@ -133,7 +140,7 @@ def apt_sources(suite=SUITE):
                         entries.append(" ".join(words).replace("\0", " "))
     for path in sorted((etc / "sources.list.d").glob("*.sources")):
         for stanza in re.split(r"\n\s*\n", path.read_text()):
-            fields = dict(re.findall(r"^([\w-]+):[ \t]*(.*)$", stanza, re.M))
+            fields = dict(re.findall(r"^([\w-]+):[ \t]*(.*)$", stanza, re.MULTILINE))
             if "deb" not in fields.get("Types", "").split() or fields.get("Enabled") == "no":
                 continue
             options = "[signed-by=%s] " % fields["Signed-By"] if "Signed-By" in fields else ""
@@ -227,9 +234,9 @@ def test_image_configuration_and_pinned_dependencies(podman, image):
 
     freeze = podman("run", "--rm", "--network", "none", "--entrypoint", "python3", image,
                     "-m", "pip", "freeze").stdout
-    installed = {n.lower(): v for n, v in re.findall(r"^([\w.-]+)==(\S+)$", freeze, re.M)}
+    installed = {n.lower(): v for n, v in re.findall(r"^([\w.-]+)==(\S+)$", freeze, re.MULTILINE)}
     pins = re.findall(r"^([\w.-]+)==(\S+)$", (REPO / ".docker" / "constraints.txt").read_text(),
-                      re.M)
+                      re.MULTILINE)
     assert pins and all(installed.get(n.lower()) == v for n, v in pins), (pins, freeze)
 
     # the host's own CAs (an intercepting proxy's) were only mounted for RUN

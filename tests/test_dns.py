@@ -11,13 +11,26 @@ import time
 
 import dns.rdatatype as dns_rdatatype
 import pytest
-
-import tcpproxy
 from dnsserver import DNSServer
 from helpers import (
-    LOOP4, Blackhole, banner_via, closed_by_peer, closed_promptly, connect, echo_once, free_port,
-    http_json, lookups_at_once, recv_exact, roundtrip, spec, walk, wait_until,
+    LOOP4,
+    Blackhole,
+    banner_via,
+    closed_by_peer,
+    closed_promptly,
+    connect,
+    echo_once,
+    free_port,
+    http_json,
+    lookups_at_once,
+    recv_exact,
+    roundtrip,
+    spec,
+    wait_until,
+    walk,
 )
+
+import tcpproxy
 
 NAME = "db.example.test"
 SLACK = 0.75   # scheduling allowance on top of "TTL + 1 s"
@@ -186,7 +199,7 @@ def dns_proxy(start_proxy, dns_server, target_port, *extra, status=True):
 
 
 def test_ttl_expiry_picked_up(start_proxy, dns_server, upstream_pair):
-    a, b = upstream_pair
+    a, _b = upstream_pair
     dns_server.set(NAME, ["127.0.0.2"], ttl=1)
     p = dns_proxy(start_proxy, dns_server, a.port)
     assert banner_via(p.addr) == b"A"
@@ -208,7 +221,7 @@ def test_ttl_expiry_picked_up(start_proxy, dns_server, upstream_pair):
 
 
 def test_ttl_zero_fresh_lookup_per_connection(start_proxy, dns_server, upstream_pair):
-    a, b = upstream_pair
+    a, _b = upstream_pair
     dns_server.set(NAME, ["127.0.0.2"], ttl=0)
     p = dns_proxy(start_proxy, dns_server, a.port)
     for i in range(6):
@@ -220,7 +233,7 @@ def test_ttl_zero_fresh_lookup_per_connection(start_proxy, dns_server, upstream_
 
 
 def test_serve_stale_during_outage(start_proxy, dns_server, upstream_pair):
-    a, b = upstream_pair
+    a, _b = upstream_pair
     dns_server.set(NAME, ["127.0.0.2"], ttl=1)
     p = dns_proxy(start_proxy, dns_server, a.port)
     assert banner_via(p.addr) == b"A"
@@ -250,7 +263,7 @@ def test_serve_stale_during_outage(start_proxy, dns_server, upstream_pair):
 
 
 def test_unresolvable_at_startup(start_proxy, dns_server, upstream_pair):
-    a, b = upstream_pair
+    a, _b = upstream_pair
     p = dns_proxy(start_proxy, dns_server, a.port)    # NAME not set: NXDOMAIN
     t0 = time.monotonic()
     assert closed_promptly(p.addr, 5), "client not closed while the name does not resolve"
@@ -301,7 +314,7 @@ def test_failover_to_next_address_on_timeout(start_proxy, dns_server, make_echo)
 
 
 def test_close_on_dns_change(start_proxy, dns_server, upstream_pair):
-    a, b = upstream_pair
+    a, _b = upstream_pair
     dns_server.set(NAME, ["127.0.0.2"], ttl=1)
     p = dns_proxy(start_proxy, dns_server, a.port, "--close-on-dns-change",
                   "--dns-change-hold", "0")     # the hold: tests/test_hostile.py
@@ -331,7 +344,7 @@ def test_close_on_dns_change(start_proxy, dns_server, upstream_pair):
 
 
 def test_without_close_on_dns_change_connections_stay(start_proxy, dns_server, upstream_pair):
-    a, b = upstream_pair
+    a, _b = upstream_pair
     dns_server.set(NAME, ["127.0.0.2"], ttl=1)
     p = dns_proxy(start_proxy, dns_server, a.port)
     with connect(p.addr) as old:

@@ -9,11 +9,18 @@ from the DNS server (tests/dnsserver.py).
 import uuid
 
 import pytest
+from dnsserver import DNSServer
+from helpers import (
+    LOOP4,
+    banner_via,
+    closed_promptly,
+    echo_pair,
+    free_port,
+    spec,
+    wait_until,
+)
 
 import tcpproxy
-from dnsserver import DNSServer
-from helpers import (LOOP4, banner_via, closed_promptly, echo_pair, free_port, spec,
-                     wait_until)
 
 DUAL = "dual.example.test"
 V6ONLY = "v6only.example.test"
@@ -231,7 +238,7 @@ def family_proxy(start_proxy, dns_server, name, port, *extra):
     (None, {b"4", b"6"}),          # auto: connections rotate over both, as before
 ])
 def test_family_chooses_the_upstream(start_proxy, names, dual_upstreams, family, banners):
-    four, six = dual_upstreams
+    four, _six = dual_upstreams
     extra = ["--dns-family", family] if family else []
     p = family_proxy(start_proxy, names, DUAL, four.port, *extra)
     seen = [banner_via(p.addr) for _ in range(6)]
@@ -251,7 +258,7 @@ def test_prefer_falls_back_to_the_other_family(start_proxy, names, dual_upstream
 
 
 def test_no_address_of_the_family_is_logged(start_proxy, names, dual_upstreams):
-    four, six = dual_upstreams
+    four, _six = dual_upstreams
     p = family_proxy(start_proxy, names, V6ONLY, four.port, "--dns-family", "ipv4")
     assert closed_promptly(p.addr, 5), "client not closed while the name has no A record"
     wait_until(lambda: "no A records (--dns-family ipv4)" in p.stderr(), 5,
@@ -260,7 +267,7 @@ def test_no_address_of_the_family_is_logged(start_proxy, names, dual_upstreams):
 
 
 def test_yaml_mapping_sets_its_own_family(start_proxy, names, dual_upstreams, tmp_path):
-    four, six = dual_upstreams
+    four, _six = dual_upstreams
     l6, l4, lauto = free_port(), free_port(), free_port()
     config = tmp_path / "mappings.yaml"
     config.write_text(

@@ -11,7 +11,6 @@ import dns.rcode
 import dns.rdatatype
 import dns.resolver
 import pytest
-
 from dnsserver import DNSServer
 
 

@@ -12,13 +12,25 @@ sockets, the DNS server's query counter or ``wait_until``.
 import time
 
 import pytest
+from helpers import (
+    LOOP4,
+    Blackhole,
+    EchoServer,
+    banner_via,
+    closed_by_peer,
+    connect,
+    echo_once,
+    free_port,
+    http_json,
+    lookups_at_once,
+    recv_exact,
+    roundtrip,
+    run_cli,
+    spec,
+    wait_until,
+)
 
 import tcpproxy
-from helpers import (
-    lookups_at_once,
-    LOOP4, Blackhole, EchoServer, banner_via, closed_by_peer, connect, echo_once, free_port,
-    http_json, recv_exact, roundtrip, run_cli, spec, wait_until,
-)
 
 NAME = "db.example.test"
 SLACK = 1.0     # scheduling allowance (2 CPUs shared with other test runs)
@@ -405,7 +417,7 @@ def flip_answers(dns_server, answers, seconds):
 
 def test_rotation_between_live_addresses_closes_nothing(start_proxy, dns_server,
                                                         upstream_pair):
-    a, b = upstream_pair
+    a, _b = upstream_pair
     dns_server.set(NAME, ["127.0.0.2", "127.0.0.3"], ttl=1)
     p = dns_proxy(start_proxy, dns_server, a.port, "--close-on-dns-change")
     conns = four_connections(p)
@@ -414,7 +426,7 @@ def test_rotation_between_live_addresses_closes_nothing(start_proxy, dns_server,
         # than the default hold (max(TTL, 5 s))
         served = flip_answers(dns_server, [["127.0.0.3"], ["127.0.0.2"]], 7)
         assert served >= 4, "the proxy did not re-resolve"
-        for banner, socks in conns.items():
+        for socks in conns.values():
             for s in socks:
                 assert roundtrip(s, b"alive") == b"alive", "rotation closed a connection"
         assert "closing" not in p.stderr(), p.stderr()
@@ -425,7 +437,7 @@ def test_rotation_between_live_addresses_closes_nothing(start_proxy, dns_server,
 
 
 def test_real_failover_closes_within_ttl_plus_hold(start_proxy, dns_server, upstream_pair):
-    a, b = upstream_pair
+    a, _b = upstream_pair
     dns_server.set(NAME, ["127.0.0.2", "127.0.0.3"], ttl=1)
     p = dns_proxy(start_proxy, dns_server, a.port, "--close-on-dns-change",
                   "--dns-change-hold", "2")

@@ -18,13 +18,32 @@ import uuid
 from types import SimpleNamespace
 
 import pytest
+from helpers import (
+    LOOP4,
+    TCPPROXY,
+    BulkServer,
+    ProxyProcess,
+    accept,
+    closed_by_peer,
+    closed_promptly,
+    connect,
+    echo_once,
+    free_port,
+    http,
+    mapping_stats,
+    pattern,
+    proc_fds,
+    proc_rss_kib,
+    proc_threads,
+    recv_exact,
+    reset_close,
+    roundtrip,
+    sha256,
+    spec,
+    wait_until,
+)
 
 import tcpproxy
-from helpers import (
-    LOOP4, TCPPROXY, BulkServer, ProxyProcess, accept, closed_by_peer, closed_promptly,
-    connect, echo_once, free_port, http, mapping_stats, pattern, proc_fds,
-    proc_rss_kib, proc_threads, recv_exact, reset_close, roundtrip, sha256, spec, wait_until,
-)
 
 MB = 1 << 20
 PAUSE = threading.Event()          # never set: Event.wait() is a bounded pause
@@ -391,7 +410,7 @@ def test_config_change_during_heavy_traffic_loses_no_byte(make_echo):
             [keep],
         ]
         with tcpproxy.Proxy([keep], listen_host=LOOP4) as proxy:
-            results = [dict() for _ in range(sessions)]
+            results = [{} for _ in range(sessions)]
 
             def client(i):
                 res = results[i]

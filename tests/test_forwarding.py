@@ -11,12 +11,32 @@ import threading
 import time
 
 import pytest
-
 from helpers import (
-    LOOP4, Blackhole, BulkServer, EchoServer, accept, closed_by_peer, closed_promptly, connect,
-    each_pump, echo_once, free_port, listen_overflows, pattern, proc_fds, proc_rss_kib,
-    proc_threads, raise_nofile, recv_all, recv_exact, reset_close, roundtrip, sha256, spec,
-    tcp_timers, wait_until,
+    LOOP4,
+    Blackhole,
+    BulkServer,
+    EchoServer,
+    accept,
+    closed_by_peer,
+    closed_promptly,
+    connect,
+    each_pump,
+    echo_once,
+    free_port,
+    listen_overflows,
+    pattern,
+    proc_fds,
+    proc_rss_kib,
+    proc_threads,
+    raise_nofile,
+    recv_all,
+    recv_exact,
+    reset_close,
+    roundtrip,
+    sha256,
+    spec,
+    tcp_timers,
+    wait_until,
 )
 
 MB = 1 << 20
@@ -122,34 +142,32 @@ def test_50mb_each_way_sha256(start_proxy):
 def test_half_close_client_first(start_proxy, listener):
     lport = free_port()
     start_proxy(spec(lport, LOOP4, listener.getsockname()[1]))
-    with connect((LOOP4, lport)) as c:
-        with accept(listener) as u:
-            c.sendall(b"request")
-            c.shutdown(socket.SHUT_WR)
-            assert recv_all(u, 5) == b"request"          # upstream sees EOF
-            u.sendall(b"answer after your EOF")           # other way still flows
-            assert recv_exact(c, 21) == b"answer after your EOF"
-            u.sendall(b" and more")
-            assert recv_exact(c, 9) == b" and more"
-            u.shutdown(socket.SHUT_WR)
-            assert recv_all(c, 5) == b""                  # now both halves done
+    with connect((LOOP4, lport)) as c, accept(listener) as u:
+        c.sendall(b"request")
+        c.shutdown(socket.SHUT_WR)
+        assert recv_all(u, 5) == b"request"          # upstream sees EOF
+        u.sendall(b"answer after your EOF")           # other way still flows
+        assert recv_exact(c, 21) == b"answer after your EOF"
+        u.sendall(b" and more")
+        assert recv_exact(c, 9) == b" and more"
+        u.shutdown(socket.SHUT_WR)
+        assert recv_all(c, 5) == b""                  # now both halves done
 
 
 @each_pump
 def test_half_close_upstream_first(start_proxy, listener):
     lport = free_port()
     start_proxy(spec(lport, LOOP4, listener.getsockname()[1]))
-    with connect((LOOP4, lport)) as c:
-        with accept(listener) as u:
-            u.sendall(b"banner")
-            u.shutdown(socket.SHUT_WR)
-            assert recv_all(c, 5) == b"banner"            # client sees EOF
-            c.sendall(b"late request")                     # other way still flows
-            assert recv_exact(u, 12) == b"late request"
-            c.sendall(b"!")
-            assert recv_exact(u, 1) == b"!"
-            c.shutdown(socket.SHUT_WR)
-            assert recv_all(u, 5) == b""
+    with connect((LOOP4, lport)) as c, accept(listener) as u:
+        u.sendall(b"banner")
+        u.shutdown(socket.SHUT_WR)
+        assert recv_all(c, 5) == b"banner"            # client sees EOF
+        c.sendall(b"late request")                     # other way still flows
+        assert recv_exact(u, 12) == b"late request"
+        c.sendall(b"!")
+        assert recv_exact(u, 1) == b"!"
+        c.shutdown(socket.SHUT_WR)
+        assert recv_all(u, 5) == b""
 
 
 @each_pump
@@ -369,7 +387,7 @@ def many_connections(start_proxy, n):
         lport = free_port()
         # the proxy starts with the usual soft limit: it must raise it itself
         p = start_proxy(spec(lport, LOOP4, echo.port), nofile=1024)
-        threads0, fds0 = settled(p)
+        _threads0, fds0 = settled(p)
         socks = open_many((LOOP4, lport), n)
         try:
             assert echo.active == n

@@ -18,12 +18,22 @@ import threading
 import time
 
 import pytest
+from helpers import (
+    LOOP4,
+    closed_by_peer,
+    connect,
+    echo_once,
+    free_port,
+    http,
+    mapping_stats,
+    port_listening,
+    recv_all,
+    roundtrip,
+    spec,
+    wait_until,
+)
 
 import tcpproxy
-from helpers import (
-    LOOP4, closed_by_peer, connect, echo_once, free_port, http, mapping_stats,
-    port_listening, recv_all, roundtrip, spec, wait_until,
-)
 
 OUTSIDER = "127.0.0.2"
 

@@ -15,13 +15,22 @@ import threading
 import time
 
 import pytest
+from helpers import (
+    LOOP4,
+    EchoServer,
+    banner_via,
+    closed_promptly,
+    connect,
+    free_port,
+    free_ports,
+    http_json,
+    run_cli,
+    spec,
+    wait_until,
+)
 
 import tcpproxy
 from tcpproxy import ConfigError, Mapping, parse_allow
-from helpers import (
-    LOOP4, EchoServer, banner_via, closed_promptly, connect, free_port, free_ports, http_json,
-    run_cli, spec, wait_until,
-)
 
 NAME = "db.example.test"
 
@@ -320,7 +329,8 @@ def test_mapping_errors_quote_values_briefly():
 # -- 5. many mappings are cheap -----------------------------------------------
 
 def proc_cpu_seconds(pid):
-    fields = open("/proc/%d/stat" % pid).read().rsplit(")", 1)[1].split()
+    with open("/proc/%d/stat" % pid) as f:
+        fields = f.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 

@@ -10,14 +10,24 @@ import threading
 import time
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from helpers import (
+    LOOP4,
+    banner_via,
+    closed_by_peer,
+    connect,
+    echo_once,
+    free_port,
+    http,
+    http_json,
+    roundtrip,
+    spec,
+    wait_until,
+)
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import tcpproxy
 from tcpproxy import ConfigError, Mapping, Proxy, ProxyError, parse_connections
-from helpers import (
-    LOOP4, banner_via, closed_by_peer, connect, echo_once, free_port, http, http_json,
-    roundtrip, spec, wait_until,
-)
 
 
 def test_exports():
@@ -36,7 +46,7 @@ def test_mapping_parse():
     assert (m.listen_port, m.host, m.port) == (8002, "db.example.com", 5432)
     assert m.spec == str(m) == "8002:db.example.com:5432"
     assert m == Mapping(8002, "db.example.com", 5432)
-    with pytest.raises(Exception):
+    with pytest.raises(AttributeError):
         m.port = 1          # frozen
 
 
@@ -254,7 +264,7 @@ def test_status_server_of_library(make_echo):
 
 
 def test_proxy_with_resolver(dns_server, upstream_pair):
-    a, b = upstream_pair
+    a, _b = upstream_pair
     dns_server.set("svc.example.test", ["127.0.0.3"], ttl=30)
     lport = free_port()
     resolver = tcpproxy.Resolver([dns_server.nameserver], timeout=1.0)

@@ -8,15 +8,24 @@ refused before anything binds)."""
 import socket
 
 import pytest
+from helpers import (
+    LOOP4,
+    EchoServer,
+    closed_by_peer,
+    connect,
+    echoes,
+    free_port,
+    http,
+    http_json,
+    refused,
+    run_cli,
+    talk,
+    wait_until,
+)
 
 import tcpproxy
 from tcpproxy import ConfigError, Mapping
 from tcpproxy_backends import file as file_backend
-
-from helpers import (
-    LOOP4, EchoServer, closed_by_peer, connect, echoes, free_port, http, http_json, refused,
-    run_cli, talk, wait_until,
-)
 
 A, B, C = "127.0.0.2", "127.0.0.3", "127.0.0.4"
 
@@ -142,8 +151,8 @@ def test_yaml_listen_forms():
 
 @pytest.mark.parametrize("text,reason", [
     ("  - listen: 127.0.0.2:8002\n    target: a:1\n  - 127.0.0.2:8002:b:1\n",
-     "listen address 127.0.0.2:8002 is used twice: <config> line 2 (entry 1) and "
-     "<config> line 4 (entry 2)"),
+     ("listen address 127.0.0.2:8002 is used twice: <config> line 2 (entry 1) and "
+     "<config> line 4 (entry 2)")),
     ("  - listen: 0.0.0.0:8002\n    target: a:1\n  - 127.0.0.2:8002:b:1\n",
      "listen addresses 0.0.0.0:8002 and 127.0.0.2:8002 conflict"),
     ("  - listen: ::1:8002\n    target: a:1\n",

@@ -89,5 +89,5 @@ def test_text_stays_the_default(echo):
     finally:
         proxy.close()
     assert re.search(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} INFO MainThread: tcpproxy .* "
-                     r"started", text, re.M), text
+                     r"started", text, re.MULTILINE), text
     assert not text.lstrip().startswith("{")

@@ -14,12 +14,25 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
+from helpers import (
+    LOOP4,
+    REPO,
+    TCPPROXY,
+    EchoServer,
+    ProxyProcess,
+    free_port,
+    http,
+    http_json,
+    many_sessions,
+    run_cli,
+    spec,
+    wait_until,
+)
 
 import tcpproxy
-from helpers import (LOOP4, REPO, TCPPROXY, EchoServer, ProxyProcess, free_port, http,
-                     http_json, many_sessions, run_cli, spec, wait_until)
 
 
 def client(port, timeout=5.0, source=None):
@@ -172,7 +185,7 @@ def test_sigterm_lets_a_running_query_finish(postgres, start_proxy):
         # the idle pooled connection goes within about 2 s
         assert wait_until(lambda: count("application_name = 'idle-pool'") == 0, 3.5), \
             proxy.output()
-        out, err = query.communicate(timeout=15)
+        _out, err = query.communicate(timeout=15)
         assert query.returncode == 0, err
         assert "server closed the connection" not in err
         assert proxy.wait(10) == 0, proxy.output()
@@ -267,7 +280,8 @@ def test_a_live_connection_survives_every_bad_edit(tmp_path, proxy_cli):
         ]
         for name, text, reason in bad_edits:
             write_atomic(path, text)
-            assert wait_until(lambda: reason in rejected(), 10), (name, proxy.output())
+            assert wait_until(lambda reason=reason: reason in rejected(), 10), \
+                (name, proxy.output())
             code, status = status_json(proxy)
             assert code == 200 and status["ok"]          # it still serves...
             assert any("config rejected" in w and reason in w for w in status["warnings"])
@@ -323,7 +337,8 @@ def health(*args, env=None):
     full.pop("STATUS_ADDRESS", None)
     full.update(env or {})
     return subprocess.run([sys.executable, str(TCPPROXY), "health"] + list(args),
-                          cwd=str(REPO), env=full, capture_output=True, text=True, timeout=20)
+                          cwd=str(REPO), env=full, capture_output=True, text=True, timeout=20,
+                          check=False)
 
 
 @pytest.mark.parametrize("how", ["status-allow", "other-port", "env", "off"])
@@ -522,9 +537,10 @@ def test_a_signal_during_start_exits_0(echo):
                               "--connections", spec(lport, LOOP4, echo.port)])
         try:
             # as soon as the interpreter runs: before, during or after start()
-            assert wait_until(lambda: os.path.exists("/proc/%d/status" % proxy.pid), 5)
-            wait_until(lambda: b"tcpproxy" in open("/proc/%d/cmdline" % proxy.pid, "rb").read(),
-                       5)
+            pid = proxy.pid
+            proc_dir = Path("/proc/%d" % pid)
+            assert wait_until((proc_dir / "status").exists, 5)
+            wait_until(lambda d=proc_dir: b"tcpproxy" in (d / "cmdline").read_bytes(), 5)
             proxy.send_signal(signal.SIGTERM)
             proxy.send_signal(signal.SIGTERM)
             code = proxy.wait(10)
@@ -556,8 +572,8 @@ def test_sighup_is_logged_at_info(start_proxy, echo):
     (["--backend", "file"], "no config file: --backend file needs --config FILE"),
     # a listen address per mapping is fine (test_listen.py); ambiguous ones are named
     (["--connections", "::1:41002:127.0.0.1:9000"],
-     "argument --connections: invalid connection '::1:41002:127.0.0.1:9000': an IPv6 "
-     "address must be in brackets, e.g. [::1]:8002:[::1]:5432"),
+     ("argument --connections: invalid connection '::1:41002:127.0.0.1:9000': an IPv6 "
+     "address must be in brackets, e.g. [::1]:8002:[::1]:5432")),
     (["--connections", "localhost:41002:127.0.0.1:9000"],
      "listen address 'localhost' is not an IP address (write 127.0.0.1 or [::1])"),
     (["--connections", "8002:db:٥٤٣٢"], "target port '٥٤٣٢' is not a port number"),
@@ -591,6 +607,6 @@ def test_aws_backend_hint_works_for_a_single_file_user(tmp_path):
     result = subprocess.run([sys.executable, "-S", str(tmp_path / "tcpproxy.py"), "--backend",
                              "dynamodb", "--proxy", "x", "--status", "off"],
                             cwd=str(tmp_path), capture_output=True, text=True, timeout=20,
-                            env=dict(os.environ, PYTHONPATH=""))
+                            env=dict(os.environ, PYTHONPATH=""), check=False)
     assert result.returncode == 1, result.stderr
     assert "put the tcpproxy_backends folder next to tcpproxy.py" in result.stderr

@@ -10,9 +10,9 @@ import threading
 import time
 
 import pytest
+from helpers import LOOP4, echo_once, free_port, http, spec, wait_until
 
 import tcpproxy
-from helpers import LOOP4, echo_once, free_port, http, spec, wait_until
 
 NAME = "db.example.test"
 

@@ -9,14 +9,14 @@ import re
 import socket
 
 import pytest
+from helpers import LOOP4, http
 from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
 import tcpproxy
-from helpers import LOOP4, http
 
 yaml = pytest.importorskip("yaml")
-from tcpproxy_backends import file as file_backend  # noqa: E402
+from tcpproxy_backends import file as file_backend
 
 FAST = settings(max_examples=150, deadline=None,
                 suppress_health_check=[HealthCheck.too_slow])

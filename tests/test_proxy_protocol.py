@@ -13,13 +13,25 @@ import struct
 import time
 
 import pytest
+from helpers import (
+    LOOP4,
+    accept,
+    closed_by_peer,
+    connect,
+    echo_once,
+    free_port,
+    hostport,
+    http_json,
+    mapping_stats,
+    recv_all,
+    recv_exact,
+    run_cli,
+    spec,
+    wait_until,
+)
 
 import tcpproxy
 from tcpproxy import ConfigError, Mapping, Proxy, parse_proxy_header, proxy_header
-from helpers import (
-    LOOP4, accept, closed_by_peer, connect, echo_once, free_port, hostport, http_json,
-    mapping_stats, recv_all, recv_exact, run_cli, spec, wait_until,
-)
 
 SIG = tcpproxy.PROXY_V2_SIGNATURE
 CLIENT4 = "127.0.0.5"          # a test client's source: not the proxy's 127.0.0.1
@@ -374,8 +386,7 @@ def test_send_proxy_header_and_first_bytes_go_in_one_send(listener):
 
 def test_send_proxy_v1_from_this_process(listener):
     mapping = Mapping(free_port(), *listener.getsockname(), send_proxy="v1")
-    with Proxy([mapping], listen_host=LOOP4):
-        with bound_client((LOOP4, mapping.listen_port)) as s:
+    with Proxy([mapping], listen_host=LOOP4), bound_client((LOOP4, mapping.listen_port)) as s:
             s.sendall(b"hi")
             with accept(listener) as upstream:
                 line = b"PROXY TCP4 %s 127.0.0.1 %d %d\r\nhi" % (

@@ -13,7 +13,6 @@ import subprocess
 import threading
 
 import pytest
-
 from helpers import LOOP4, REPO, EchoServer, ProxyProcess, echo_once, free_port, spec
 
 
@@ -25,7 +24,7 @@ def python39():
     for path in filter(None, candidates):
         try:
             out = subprocess.run([path, "-c", "import sys; print(sys.version_info[:2])"],
-                                 capture_output=True, text=True, timeout=20)
+                                 capture_output=True, text=True, timeout=20, check=False)
         except (OSError, subprocess.SubprocessError):
             continue
         if out.returncode == 0 and out.stdout.strip() == "(3, 9)":

@@ -9,10 +9,20 @@ import threading
 import time
 
 import pytest
-
 from helpers import (
-    LOOP4, EchoServer, connect, echo_once, free_port, pattern, proc_fds, proc_rss_kib,
-    proc_threads, roundtrip, sha256, spec, wait_until,
+    LOOP4,
+    EchoServer,
+    connect,
+    echo_once,
+    free_port,
+    pattern,
+    proc_fds,
+    proc_rss_kib,
+    proc_threads,
+    roundtrip,
+    sha256,
+    spec,
+    wait_until,
 )
 
 pytestmark = [pytest.mark.perf, pytest.mark.timeout(600)]
@@ -44,7 +54,7 @@ class Load:
         def run():
             try:
                 body()
-            except Exception as exc:  # noqa: BLE001 - recorded, asserted by the test
+            except Exception as exc:  # noqa: BLE001 - every failure is reported at the end
                 self.errors.append((kind, repr(exc)))
         return run
 
@@ -55,7 +65,7 @@ class Load:
             with connect((LOOP4, self.ports["bulk"]), timeout=30) as c:
                 got = {}
 
-                def receive():
+                def receive(c=c, got=got):
                     digest, n = hashlib.sha256(), 0
                     while n < len(payload):
                         data = c.recv(MB)

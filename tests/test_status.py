@@ -5,13 +5,21 @@ import json
 import socket
 
 import pytest
-
-import tcpproxy
 from helpers import (
-    LOOP4, connect, echo_once, free_port, http, http_json, json_values, roundtrip, spec,
-    wait_until, walk,
+    LOOP4,
+    connect,
+    echo_once,
+    free_port,
+    http,
+    http_json,
+    json_values,
+    roundtrip,
+    spec,
+    wait_until,
+    walk,
 )
 
+import tcpproxy
 
 # The JSON of /status?format=json and /connections, in one place; a field
 # the proxy gains is added here.  A schema is one of:
@@ -109,7 +117,7 @@ def test_status_ok(proxied):
 
 def test_head(proxied):
     for path in ("/status", "/connections", "/status?format=json"):
-        status, headers, body = http(proxied.status_address, "HEAD", path)
+        status, _headers, body = http(proxied.status_address, "HEAD", path)
         assert status == 200, path
         assert body == b""
 

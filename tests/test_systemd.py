@@ -9,9 +9,9 @@ import subprocess
 import sys
 
 import pytest
+from helpers import REPO
 
 import tcpproxy
-from helpers import REPO
 
 UNIT = REPO / ".packaging" / "systemd" / "tcpproxy.service"
 DEFAULTS = REPO / ".packaging" / "systemd" / "tcpproxy.default"
@@ -105,6 +105,7 @@ class NotifySocket:
 @pytest.mark.parametrize("abstract", [False, True])
 def test_sd_notify_ready_reloading_stopping_and_watchdog(tmp_path, echo, abstract):
     import signal
+
     from helpers import LOOP4, ProxyProcess, free_port, spec
     notify = NotifySocket(tmp_path, abstract)
     lport = free_port()

@@ -19,12 +19,20 @@ import threading
 import time
 
 import pytest
-
-import tcpproxy
-from helpers import (LOOP4, EchoServer, closed_by_peer, free_port, http, http_json, run_cli,
-                     wait_until)
+from helpers import (
+    LOOP4,
+    EchoServer,
+    closed_by_peer,
+    free_port,
+    http,
+    http_json,
+    run_cli,
+    wait_until,
+)
 from peers import make_certs, need, run
 from test_status import check_schema
+
+import tcpproxy
 
 BIG = 50 * 1024 * 1024
 CHUNK = 256 * 1024
@@ -554,9 +562,13 @@ def test_certificate_rotation_by_sighup(tls_certs, tmp_path, start_proxy):
         # a broken certificate: the new one stays, /status warns
         cert.write_text("not a certificate\n")
         proxy.send_signal(signal.SIGHUP)
-        status = wait_until(lambda: (lambda s: s if any(
-            "cannot load TLS certificate" in w for w in s["warnings"]) else None)(
-            http_json(proxy.status_address, "/status?format=json")))
+
+        def rejected():
+            status = http_json(proxy.status_address, "/status?format=json")
+            warned = any("cannot load TLS certificate" in w for w in status["warnings"])
+            return status if warned else None
+
+        status = wait_until(rejected)
         assert any(str(cert) in w for w in status["warnings"])
         with new_context.wrap_socket(socket.create_connection((LOOP4, port), timeout=10),
                                      server_hostname="localhost") as again:

@@ -31,7 +31,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
 sys.path.insert(0, str(HERE))
-import proxybench  # noqa: E402  (the load generator's C source)
+import proxybench
 
 
 def free_port():

@@ -38,8 +38,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from dnsserver import DNSServer  # noqa: E402
-from helpers import EchoServer, free_port  # noqa: E402
+from dnsserver import DNSServer
+from helpers import EchoServer, free_port
 
 REPO = HERE.parent.parent
 NAME = "bench.example.test"
@@ -125,7 +125,7 @@ def run(args, dns_server, echo, target):
     argv = [args.python, args.proxy_cmd, "--connections", "%d:%s:%d" % (port, target, echo.port),
             "--listen-address", "127.0.0.1", "--status", "off",
             "--resolver", dns_server.nameserver] + args.proxy_arg
-    log = tempfile.TemporaryFile("w+")
+    log = tempfile.TemporaryFile("w+")  # noqa: SIM115 - the proxy's log, read at the end
     proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=log, text=True)
     try:
         wait_listening(port, proc)

@@ -29,8 +29,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
-import proxybench as pb  # noqa: E402
-from peers import make_certs  # noqa: E402
+import proxybench as pb
+from peers import make_certs
 
 REPO = HERE.parent.parent
 HAPROXY_HEAD = """global
@@ -152,7 +152,7 @@ def main(argv=None):
             rows.append((name, statistics.median(r["bulk"] for r in results),
                          statistics.median(r["pingpong"] for r in results),
                          statistics.median(r["p99"] for r in results)))
-        ref = dict((r[0], r) for r in rows).get("haproxy")
+        ref = {r[0]: r for r in rows}.get("haproxy")
         print("TLS origination, loopback, %s CPUs, load generator %s, median of %d x %gs "
               "(tcpproxy --cpus %s)\n" % (os.cpu_count(), helper.kind, args.repeat,
                                           args.seconds, args.cpus))

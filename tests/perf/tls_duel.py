@@ -18,10 +18,10 @@ A spec may add environment variables: ``B.py:TCPPROXY_LIBC_IO=0``.
 
 import argparse
 import os
+import shutil
 import statistics
 import sys
 import tempfile
-import shutil
 import threading
 from pathlib import Path
 
@@ -29,9 +29,9 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
-import proxybench as pb  # noqa: E402
-import tls_bench as tb  # noqa: E402
-from peers import make_certs  # noqa: E402
+import proxybench as pb
+import tls_bench as tb
+from peers import make_certs
 
 
 def argv_for(spec, d, certs, listen, upstream, cpu):
@@ -68,7 +68,7 @@ def main(argv=None):
                               ports[i], d) for i, spec in enumerate(specs)]
             rates = [None, None]
 
-            def load(i):
+            def load(i, rates=rates, ports=ports):
                 rates[i] = helper.run(["pingpong", pb.LOOPBACK, ports[i], args.connections,
                                        args.seconds, 1, 64], args.seconds + 30)["rps"]
 
