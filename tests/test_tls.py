@@ -146,6 +146,16 @@ def exchange_plain(port, seed, size=BIG):
     return digest.hexdigest()
 
 
+def handshake_step(tls):
+    """One step of a TLS handshake over memory BIOs: True once it is done
+    (False: it waits for the peer's bytes)."""
+    try:
+        tls.do_handshake()
+    except ssl.SSLWantReadError:
+        return False
+    return True
+
+
 def exchange_tls(port, context, seed, size=BIG, hostname="localhost"):
     """exchange_plain() over TLS, on one thread (an SSL object must not be
     used by two) through memory BIOs: the half-close is close_notify, sent
@@ -165,12 +175,7 @@ def exchange_tls(port, context, seed, size=BIG, hostname="localhost"):
     buf = bytearray(CHUNK)
     with sock, sel:
         while not done:
-            if not handshaken:
-                try:
-                    tls.do_handshake()
-                    handshaken = True
-                except ssl.SSLWantReadError:
-                    pass
+            handshaken = handshaken or handshake_step(tls)
             if handshaken and not closed and not pending and outgoing.pending < CHUNK:
                 piece = next(pieces, None)
                 if piece is None:
@@ -328,12 +333,7 @@ class StreamingTlsServer:
             conn.setblocking(False)
             sel.register(conn, selectors.EVENT_READ)
             while True:
-                if not handshaken:
-                    try:
-                        tls.do_handshake()
-                        handshaken = True
-                    except ssl.SSLWantReadError:
-                        pass
+                handshaken = handshaken or handshake_step(tls)
                 if handshaken and not out and outgoing.pending < CHUNK:
                     sent += tls.write(record)
                 out = out or outgoing.read()
