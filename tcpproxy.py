@@ -2393,9 +2393,9 @@ def connect_upstream(proxy, listener, session):
         try:
             # SO_SNDTIMEO bounds a blocking connect() (EINPROGRESS when it
             # expires): two syscalls instead of settimeout()'s four fcntl.
-            _send_timeout(proxy.libc, sock, timeval)
+            _socket_timeout(proxy.libc, sock, timeval)
             sock.connect((address, port))
-            _send_timeout(proxy.libc, sock, _TIMEVAL_ZERO)
+            _socket_timeout(proxy.libc, sock, _TIMEVAL_ZERO)
         except OSError as exc:
             with session.lock:
                 session.upstream_sock = None
@@ -2438,17 +2438,19 @@ def connect_upstream(proxy, listener, session):
 
 
 def _timeval(seconds):
-    """struct timeval for SO_SNDTIMEO (at least 1 ms: 0 would mean never)."""
+    """struct timeval for SO_SNDTIMEO/SO_RCVTIMEO (at least 1 ms: 0 would
+    mean never)."""
     seconds = max(seconds, 0.001)
     return struct.pack("ll", int(seconds), int((seconds % 1) * 1e6))
 
 
-def _send_timeout(libc, sock, timeval):
-    """Set SO_SNDTIMEO (through libc when it is there: see _LibcIO.setsockopt)."""
+def _socket_timeout(libc, sock, timeval, option=socket.SO_SNDTIMEO):
+    """Set SO_SNDTIMEO or SO_RCVTIMEO (through libc when it is there: see
+    _LibcIO.setsockopt)."""
     if libc is not None:
-        libc.setsockopt(sock, socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
+        libc.setsockopt(sock, socket.SOL_SOCKET, option, timeval)
     else:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
+        sock.setsockopt(socket.SOL_SOCKET, option, timeval)
 
 
 # Why the last connect attempt failed, for /metrics.
@@ -3473,7 +3475,11 @@ def tls_pump(session, src, dst, up, proxy):
     ``outgoing`` and sent.  EOF becomes close_notify or a FIN (see
     _tls_end_of_stream); a TLS error resets the session."""
     idle_timeout = proxy.idle_timeout
-    _set_recv_timeout(src, min(idle_timeout, 5.0) if idle_timeout else None, proxy.libc)
+    if idle_timeout:
+        try:
+            _socket_timeout(proxy.libc, src, _timeval(min(idle_timeout, 5.0)), socket.SO_RCVTIMEO)
+        except OSError:
+            pass                             # closed already: the recv() says so
     from_side, to_side = ("client", "upstream") if up else ("upstream", "client")
     src_end, dst_end = session.tls_ends.get(from_side), session.tls_ends.get(to_side)
     recv = src.recv
@@ -3525,22 +3531,6 @@ def tls_pump(session, src, dst, up, proxy):
         else:
             session.bytes_down += len(data)
             session.last_down = monotonic()
-
-
-def _set_recv_timeout(sock, seconds, libc):
-    """SO_RCVTIMEO on *sock* (None: none): a blocking recv() that waits
-    longer fails with EAGAIN.  The socket stays blocking for Python (a
-    Python timeout would poll() before each recv())."""
-    if not seconds:
-        return
-    value = struct.pack("@ll", int(seconds), int((seconds % 1) * 1e6))
-    try:
-        if libc is not None:
-            libc.setsockopt(sock, socket.SOL_SOCKET, socket.SO_RCVTIMEO, value)
-        else:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, value)
-    except OSError:
-        pass                                 # closed already: the recv() says so
 
 
 def _tls_decrypt(end, data, buf, sock):
