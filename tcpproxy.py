@@ -4058,7 +4058,7 @@ def metrics_text(proxy):
     out.family("tcpproxy_build_info", "gauge", "tcpproxy's version.",
                [((("version", __version__),), 1)])
     out.family("tcpproxy_draining", "gauge", "1 while the proxy drains or stops.",
-               [((), int(proxy.state != "running"))])
+               [((), int(proxy.is_draining()))])
     out.family("tcpproxy_connections_active", "gauge", "Client sessions open now.",
                per_port("active"))
     out.family("tcpproxy_connections_total", "counter", "Client sessions accepted.",
@@ -4384,6 +4384,7 @@ class Proxy:
             self.own_ports.pop(port, None)
 
     def is_draining(self):
+        """True from the start of a drain on (also stopping and stopped)."""
         return self.state in ("draining", "stopping", "stopped")
 
     def set_backend_state(self, info):
